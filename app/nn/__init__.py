@@ -1,0 +1,49 @@
+"""Stochastic-backprop layers and their probes. Imports nothing else of ``app``.
+
+Functional ops live in :mod:`app.nn.functional`; modules, :func:`convert` and :func:`exact` here.
+"""
+
+from . import functional
+from .convert import convert, exact, stochastic_layers
+from .functional import (
+    stochastic_conv1d,
+    stochastic_conv2d,
+    stochastic_conv3d,
+    stochastic_conv_transpose1d,
+    stochastic_conv_transpose2d,
+    stochastic_conv_transpose3d,
+)
+from .memory import SavedTensorCounter
+from .modules import (
+    StochasticConv1d,
+    StochasticConv2d,
+    StochasticConv3d,
+    StochasticConvMixin,
+    StochasticConvTranspose1d,
+    StochasticConvTranspose2d,
+    StochasticConvTranspose3d,
+)
+from .probes import PROBE_FAMILIES, manual_seed
+
+__all__ = [
+    "functional",
+    "convert",
+    "exact",
+    "stochastic_layers",
+    "manual_seed",
+    "PROBE_FAMILIES",
+    "SavedTensorCounter",
+    "StochasticConvMixin",
+    "StochasticConv1d",
+    "StochasticConv2d",
+    "StochasticConv3d",
+    "StochasticConvTranspose1d",
+    "StochasticConvTranspose2d",
+    "StochasticConvTranspose3d",
+    "stochastic_conv1d",
+    "stochastic_conv2d",
+    "stochastic_conv3d",
+    "stochastic_conv_transpose1d",
+    "stochastic_conv_transpose2d",
+    "stochastic_conv_transpose3d",
+]

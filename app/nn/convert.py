@@ -1,0 +1,85 @@
+"""Turning any model's convolutions into stochastic-backprop ones, and back to exact for a while."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch.nn as nn
+
+from .modules import STOCHASTIC_OF, StochasticConvMixin
+
+
+def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def convert(
+    module: nn.Module,
+    n_probes: int = 16,
+    *,
+    min_voxels: int = 0,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    probes: str = "rademacher",
+    sketch: Optional[str] = None,
+    control: str = "mean",
+) -> nn.Module:
+    """Makes every ``Conv{1,2,3}d``/``ConvTranspose{1,2,3}d`` of ``module`` a stochastic-backprop layer, in place.
+
+    The layers keep their ``Parameter`` objects (an existing optimizer keeps working) and their
+    state-dict keys; only their class changes. Layers already converted get the new options.
+
+    Args:
+        module: any model (MONAI UNet, BasicUNet, DynUNet, SegResNet, plain torch).
+        n_probes: probes per layer; ``0`` makes the layers exact.
+        min_voxels: layers whose input has fewer voxels than this use exact backprop.
+        include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
+        exclude: patterns of names to leave alone (checked after ``include``).
+        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``.
+
+    Returns:
+        ``module`` itself.
+    """
+    for name, layer in module.named_modules():
+        if not _selected(name, include, exclude):
+            continue
+        if isinstance(layer, StochasticConvMixin):
+            target = type(layer)
+        else:
+            target = STOCHASTIC_OF.get(type(layer))
+            if target is None:
+                continue
+        layer.__class__ = target
+        layer.set_sketch_options(n_probes, probes, sketch, control, min_voxels)
+    return module
+
+
+def stochastic_layers(module: nn.Module) -> Iterator[tuple[str, StochasticConvMixin]]:
+    """``(name, layer)`` for every stochastic convolution in ``module``."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, StochasticConvMixin):
+            yield name, layer
+
+
+@contextlib.contextmanager
+def exact(module: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: the converted ``module`` uses exact backprop inside the block.
+
+    Example:
+        >>> with app.nn.exact(model):
+        ...     loss_fn(model(x), y).backward()   # exact gradients, for diagnostics
+    """
+    layers = [layer for _, layer in stochastic_layers(module)]
+    previous = [layer.force_exact for layer in layers]
+    for layer in layers:
+        layer.force_exact = True
+    try:
+        yield module
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.force_exact = flag
