@@ -1,0 +1,493 @@
+"""The training loop behind ``python -m app.train``: :func:`train` takes a composed config and
+returns the run's metrics.
+
+One run, in order: join the process group (under ``torchrun``), seed, generate or locate the
+data and validate every image/label pair (a :class:`~app.data.DataError` stops the run before
+anything else happens), build the network, make its convolutions stochastic
+(``app.nn.convert``), optionally checkpoint its stages, then train epoch by epoch: DiceCE loss
+under autocast, gradient accumulation, clipping, one scheduler step per optimizer step;
+sliding-window validation with per-class Dice every ``trainer.val_every`` epochs; ``last.pt``
+every epoch and ``best.pt`` (by mean Dice) in ``<output_dir>/checkpoints``. Only rank 0 logs and
+writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from monai.losses import DiceCELoss
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import app.nn
+from app.data import Preprocessing, build_loaders, load_datalist
+from app.models import build_model, load_checkpoint, resolve_model_config, save_checkpoint
+from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from app.train.grad_checkpoint import enable_grad_checkpointing
+from app.train.state import rng_state, seed_epoch, seed_everything, set_rng_state
+from app.train.tracking import Tracker
+from app.train.validation import mean_dice, validate
+
+__all__ = ["TrainingError", "train", "AMP_DTYPES"]
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on for a reason the user can fix; the message is one line saying how."""
+
+
+def amp_dtype(value: Any) -> torch.dtype | None:
+    """``trainer.amp`` as an autocast dtype (YAML reads a bare ``off`` as ``False``)."""
+    key = "off" if value is None or value is False else str(value).lower()
+    if key not in AMP_DTYPES:
+        raise ValueError(f"trainer.amp must be one of {list(AMP_DTYPES)}, but got trainer.amp={value!r}")
+    return AMP_DTYPES[key]
+
+
+def out_of_memory_message(cfg: DictConfig, where: str) -> str:
+    """One line naming the settings that lower memory, with their current values."""
+    t, s = cfg.trainer, cfg.sketch
+    hints = [
+        f"trainer.patch_size (now {list(t.patch_size)})",
+        f"trainer.batch_size (now {t.batch_size}; raise trainer.grad_accum to keep the effective batch)",
+        f"sketch.n_probes (now {s.n_probes})",
+    ]
+    if amp_dtype(t.amp) is None:
+        hints.append(f"set trainer.amp=bf16 (now {t.amp})")
+    if not t.grad_checkpointing:
+        hints.append("set trainer.grad_checkpointing=true (now false)")
+    if where == "validation":
+        hints = [f"trainer.sw_batch_size (now {t.sw_batch_size})", f"trainer.patch_size (now {list(t.patch_size)})"]
+    return f"CUDA out of memory during {where}; lower " + ", ".join(hints)
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint records about where the run is."""
+
+    epoch: int = -1  # last completed epoch (0-based); -1 before the first
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+class Trainer:
+    """A short loop around lifecycle steps; built from a composed config, run by :meth:`fit`."""
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo) -> None:
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.amp_dtype = amp_dtype(cfg.trainer.amp)
+        if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
+            log.warning("trainer.amp=fp16 on the CPU is slow and rarely useful; bf16 is the CPU's half type")
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.progress = _Progress()
+        self.tracker: Tracker | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+
+    def setup_data(self) -> None:
+        """Generate (rank 0 first) or locate the data set and validate every pair."""
+        data = self.cfg.data
+        if data.generate is not None:
+            gen = OmegaConf.to_container(data.generate, resolve=True)
+            gen["root"] = str(Path(gen["root"]).expanduser())
+            if not self.dist.is_main:
+                barrier(self.dist)
+            root = Path(instantiate(gen, _convert_="all"))
+            if self.dist.is_main:
+                barrier(self.dist)
+        else:
+            root = Path(str(data.root)).expanduser()
+        self.datalist = load_datalist(root, val_fraction=data.val_fraction, seed=data.split_seed, validate=True)
+        if not self.datalist.val:
+            raise TrainingError(
+                f"{root}: no validation cases (the data set has no validation list and "
+                f"data.val_fraction={data.val_fraction} leaves none); raise data.val_fraction"
+            )
+        self.class_names = [str(c) for c in self.datalist.class_names]
+        self.n_classes = len(self.class_names)
+        self.preprocessing = Preprocessing(**OmegaConf.to_container(data.preprocessing, resolve=True))
+        log.info(
+            "data: %s, %d training / %d validation cases, classes %s",
+            root, len(self.datalist.train), len(self.datalist.val), self.class_names,
+        )
+
+    def setup_model(self) -> None:
+        """Resolve the model config against the data, build, convert, wrap."""
+        cfg = self.cfg
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        if model_cfg.get("out_channels") is None:
+            model_cfg["out_channels"] = self.n_classes
+        elif model_cfg["out_channels"] != self.n_classes:
+            raise ValueError(
+                f"model.out_channels={model_cfg['out_channels']} but the data set has {self.n_classes} classes "
+                f"{self.class_names}; leave model.out_channels=null"
+            )
+        if model_cfg.get("spacing") is None:
+            model_cfg["spacing"] = [float(s) for s in self.datalist_spacing()]
+        self.model_config = resolve_model_config(model_cfg)
+        with open_dict(cfg):  # the resolved config saved with the run holds what was derived
+            cfg.model.out_channels = self.model_config["out_channels"]
+            cfg.model.spacing = self.model_config["spacing"]
+        model = build_model(self.model_config)
+        self.stochastic = int(cfg.sketch.n_probes) > 0
+        if self.stochastic:
+            app.nn.convert(model, **OmegaConf.to_container(cfg.sketch, resolve=True))
+            log.info("sketch: %d stochastic convolutions, %s", sum(1 for _ in app.nn.stochastic_layers(model)), dict(cfg.sketch))
+        else:
+            log.info("sketch: exact backpropagation (sketch.n_probes=0)")
+        if cfg.trainer.grad_checkpointing:
+            log.info("gradient checkpointing of %d stages", enable_grad_checkpointing(model))
+        model.to(self.device)
+        self.n_parameters = sum(p.numel() for p in model.parameters())
+        if self.dist.enabled:
+            # find_unused_parameters: DynUNet always builds its deep-supervision heads.
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+            )
+        self.model = model
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def datalist_spacing(self) -> list[float]:
+        """Voxel spacing the network sees: the preprocessing target, else the data's median."""
+        if self.preprocessing.spacing is not None:
+            return list(self.preprocessing.spacing)
+        spacing = getattr(self.datalist, "spacing", None)
+        if spacing is not None:
+            return [float(s) for s in spacing]
+        import nibabel as nib
+
+        first = self.datalist.train[0]["image"]
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        return [float(s) for s in nib.load(str(first)).header.get_zooms()[:3]]
+
+    def setup_loaders(self) -> None:
+        t, d = self.cfg.trainer, self.cfg.data
+        self.train_loader, self.val_loader = build_loaders(
+            self.datalist,
+            self.preprocessing,
+            patch_size=list(t.patch_size),
+            n_classes=self.n_classes,
+            batch_size=int(t.batch_size),
+            num_workers=int(t.num_workers),
+            cache=d.cache,
+            cache_dir=d.cache_dir,
+            num_samples=int(d.num_samples),
+            distributed=self.dist.enabled,
+            seed=int(t.seed),
+        )
+        n_batches = len(self.train_loader)
+        if n_batches == 0:
+            raise TrainingError(
+                f"no training batch: {len(self.datalist.train)} training cases, trainer.batch_size={t.batch_size}"
+                + (f" over {self.dist.world_size} processes" if self.dist.enabled else "")
+                + "; lower trainer.batch_size"
+            )
+        accum = int(t.grad_accum)
+        if accum < 1:
+            raise ValueError(f"trainer.grad_accum must be >= 1, but got trainer.grad_accum={accum}")
+        self.steps_per_epoch = int(t.steps_per_epoch) if t.steps_per_epoch else max(1, n_batches // accum)
+        if t.max_steps:
+            self.total_steps = int(t.max_steps)
+            self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        else:
+            self.max_epochs = int(t.max_epochs)
+            self.total_steps = self.max_epochs * self.steps_per_epoch
+        if self.total_steps < 1:
+            raise ValueError("trainer.max_epochs (or trainer.max_steps) must be >= 1")
+
+    def setup_optim(self) -> None:
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = instantiate(o.optimizer, _convert_="all")(params)
+        self.scheduler = instantiate(o.scheduler, _convert_="all")(self.optimizer, total_steps=self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.grad_clip = None if o.grad_clip is None else float(o.grad_clip)
+
+    def maybe_resume(self) -> None:
+        path = self.cfg.trainer.resume
+        if not path:
+            return
+        ckpt = load_checkpoint(Path(str(path)).expanduser(), map_location="cpu")
+        missing = [k for k in ("optimizer", "scheduler", "epoch", "global_step", "rng") if k not in ckpt]
+        if missing:
+            raise TrainingError(f"{path}: not a training checkpoint (no {missing}); trainer.resume needs a last.pt or best.pt")
+        if ckpt["model_config"] != self.model_config:
+            diff = sorted(k for k in set(ckpt["model_config"]) | set(self.model_config)
+                          if ckpt["model_config"].get(k) != self.model_config.get(k))
+            raise TrainingError(f"{path}: its model differs from this run's in {diff}; resume with the same model/data settings")
+        _unwrap(self.model).load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        best = ckpt.get("best_metric")
+        self.progress = _Progress(
+            epoch=int(ckpt["epoch"]),
+            global_step=int(ckpt["global_step"]),
+            best_metric=-math.inf if best is None else float(best),
+            best_epoch=int(ckpt.get("best_epoch", -1)),
+            history=list(ckpt.get("history", [])),
+        )
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s: epoch %d done, step %d", path, self.progress.epoch + 1, self.progress.global_step)
+
+    # ----------------------------------------------------------------------------- loop
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The training batches of one epoch; the loader restarts if the epoch needs more."""
+        restart = 0
+        while True:
+            yield from self.train_loader
+            restart += 1
+            sampler = getattr(self.train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch + 100_003 * restart)
+
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, *S), weights 1, 1/2, ...
+            weights = [0.5**i for i in range(logits.shape[1])]
+            return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
+        return self.loss_fn(logits, label)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        t, model, accum = self.cfg.trainer, self.model, int(self.cfg.trainer.grad_accum)
+        remaining = self.total_steps - self.progress.global_step
+        n_steps = min(self.steps_per_epoch, remaining)
+        model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        batches = self._batches(epoch)
+        losses: list[float] = []
+        step_times: list[float] = []
+        data_time = 0.0
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.max_epochs}", unit="step",
+                   disable=not self.dist.is_main, leave=False, dynamic_ncols=True, file=sys.stderr)
+        try:
+            for _ in range(n_steps):
+                micro = []
+                t0 = time.perf_counter()
+                for _ in range(accum):
+                    micro.append(next(batches))
+                t1 = time.perf_counter()
+                data_time += t1 - t0
+                try:
+                    loss = self._optimizer_step(micro)
+                    self._last_batch = micro[-1]
+                except torch.OutOfMemoryError:
+                    raise TrainingError(out_of_memory_message(self.cfg, "the training step")) from None
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_times.append(time.perf_counter() - t1)
+                self.progress.global_step += 1
+                losses.append(loss)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update()
+                if self.tracker and self.progress.global_step % int(self.cfg.logger.log_every) == 0:
+                    self.tracker.log({"train/loss": loss, "train/lr": lr, "epoch": epoch + 1}, self.progress.global_step)
+        finally:
+            bar.close()
+        metrics = {
+            "train/epoch_loss": float(np.mean(losses)),
+            # the first step of a run includes one-off set-up (allocator, autotuning): skip it when there are more
+            "train/step_time_s": float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)),
+            "train/data_time_s": data_time / max(1, n_steps),
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+        if self.device.type == "cuda":
+            metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
+
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """Forward/backward over the micro-batches, one optimizer and scheduler step; the mean loss."""
+        model, accum = self.model, len(micro)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, batch in enumerate(micro):
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            sync = model.no_sync() if isinstance(model, DistributedDataParallel) and i < accum - 1 else nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = model(image)
+                loss = self._loss(logits, label) / accum
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return total
+
+    def validate(self, epoch: int) -> tuple[dict[str, float], list[np.ndarray]]:
+        t = self.cfg.trainer
+        n_images = int(self.cfg.logger.wandb.n_images) if self.tracker and self.tracker.active else 0
+        try:
+            dice, images = validate(
+                _unwrap(self.model), self.val_loader, n_classes=self.n_classes, roi_size=list(t.patch_size),
+                device=self.device, amp_dtype=self.amp_dtype, sw_batch_size=int(t.sw_batch_size),
+                overlap=float(t.sw_overlap), n_images=n_images,
+            )
+        except torch.OutOfMemoryError:
+            raise TrainingError(out_of_memory_message(self.cfg, "validation")) from None
+        metrics = {f"val/dice/{name}": d for name, d in zip(self.class_names[1:], dice)}
+        metrics["val/mean_dice"] = mean_dice(dice)
+        return metrics, images
+
+    def fidelity(self) -> dict[str, float]:
+        """``app.nn.gradient_fidelity`` on one training batch, when app.nn provides it."""
+        fn = getattr(app.nn, "gradient_fidelity", None)
+        if fn is None or not self.stochastic:
+            return {}
+        image, label = self._last_batch["image"].to(self.device), self._last_batch["label"].to(self.device)
+        model = _unwrap(self.model)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            result = fn(model, lambda m: self._loss(m(image), label))
+        return {f"fidelity/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+    def save(self, name: str, epoch: int) -> Path:
+        path = self.ckpt_dir / name
+        p = self.progress
+        save_checkpoint(
+            path,
+            model_state=_unwrap(self.model).state_dict(),
+            model_config=self.model_config,
+            preprocessing=asdict(self.preprocessing),
+            class_names=self.class_names,
+            extra={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "global_step": p.global_step,
+                "best_metric": None if p.best_metric == -math.inf else p.best_metric,
+                "best_epoch": p.best_epoch,
+                "history": p.history,
+                "rng": rng_state(),
+                "config": _plain_config(self.cfg),
+            },
+        )
+        return path
+
+    def fit(self) -> dict[str, float]:
+        """Set up, train, validate, checkpoint; return the last epoch's metrics and the best Dice."""
+        cfg, seed = self.cfg, int(self.cfg.trainer.seed)
+        seed_everything(seed + self.dist.rank)
+        self.setup_data()
+        self.setup_model()
+        self.setup_loaders()
+        self.setup_optim()
+        self.maybe_resume()
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.output_dir / "config_resolved.yaml", resolve=True)
+            self.tracker = Tracker(cfg, self.output_dir)
+        log.info(
+            "training %s (%.2fM parameters) on %s%s: %d epochs x %d steps, patch %s, batch %d x %d, amp %s",
+            self.model_config["name"], self.n_parameters / 1e6, self.device,
+            f" x {self.dist.world_size} processes" if self.dist.enabled else "",
+            self.max_epochs, self.steps_per_epoch, list(cfg.trainer.patch_size), cfg.trainer.batch_size,
+            cfg.trainer.grad_accum, cfg.trainer.amp,
+        )
+        metrics: dict[str, float] = {}
+        start = self.progress.epoch + 1
+        try:
+            for epoch in range(start, self.max_epochs):
+                if self.progress.global_step >= self.total_steps:
+                    break
+                seed_epoch(seed, epoch, self.dist.rank, self.train_loader)
+                metrics = {"epoch": float(epoch + 1), **self.train_epoch(epoch)}
+                last = epoch == self.max_epochs - 1 or self.progress.global_step >= self.total_steps
+                if self.dist.is_main:
+                    if (epoch + 1) % int(cfg.trainer.val_every) == 0 or last:
+                        val, images = self.validate(epoch)
+                        metrics.update(val)
+                        metrics.update(self.fidelity())
+                        score = val["val/mean_dice"]
+                        if not math.isnan(score) and score > self.progress.best_metric:
+                            self.progress.best_metric, self.progress.best_epoch = score, epoch
+                            self.save("best.pt", epoch)
+                    else:
+                        images = []
+                    metrics["val/best_mean_dice"] = (
+                        float("nan") if self.progress.best_metric == -math.inf else self.progress.best_metric
+                    )
+                    self.progress.epoch = epoch
+                    self.progress.history.append(metrics)
+                    self.save("last.pt", epoch)
+                    self.tracker.log(metrics, self.progress.global_step, images=images)
+                    log.info(_summary(metrics, self.max_epochs))
+                else:
+                    self.progress.epoch = epoch
+                barrier(self.dist)
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish()
+        metrics["global_step"] = float(self.progress.global_step)
+        return metrics
+
+
+def _summary(metrics: dict[str, float], max_epochs: int) -> str:
+    parts = [f"epoch {int(metrics['epoch'])}/{max_epochs}", f"loss {metrics['train/epoch_loss']:.4f}",
+             f"{metrics['train/step_time_s']:.3f} s/step"]
+    if "train/peak_memory_gb" in metrics:
+        parts.append(f"peak {metrics['train/peak_memory_gb']:.2f} GiB")
+    if "val/mean_dice" in metrics:
+        parts.append(f"val mean Dice {metrics['val/mean_dice']:.4f} (best {metrics['val/best_mean_dice']:.4f})")
+    return ", ".join(parts)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train a segmentation network as configured; return the last epoch's metrics.
+
+    Args:
+        cfg: the composed ``conf/train.yaml`` (see ``python -m app.train --help``). Values derived
+            from the data (``model.out_channels``, ``model.spacing``) are written back into it.
+
+    Returns:
+        ``{"epoch", "global_step", "train/epoch_loss", "train/step_time_s", "train/lr",
+        "val/mean_dice", "val/dice/<class>", "val/best_mean_dice", ...}`` of the last epoch
+        (validation keys when that epoch validated; ``train/peak_memory_gb`` on CUDA).
+
+    Raises:
+        app.data.DataError: bad data, before training starts (one line naming the file).
+        TrainingError: the run cannot go on (CUDA out of memory, no batch, bad resume file).
+        ValueError: inconsistent settings (the message names the key).
+    """
+    dist_info = init_distributed(cfg.trainer.device)
+    try:
+        return Trainer(cfg, dist_info).fit()
+    finally:
+        cleanup(dist_info)

@@ -1,0 +1,84 @@
+"""Random state of a training run: seeding, and RNG snapshots a checkpoint can hold.
+
+Every epoch starts from RNG streams derived from ``(seed, epoch, rank)`` (torch, numpy,
+Python ``random``, the sketch RNG of :mod:`app.nn`, MONAI's random transforms, the
+DataLoader's shuffling), so epoch ``e`` draws the same patches and probes whether the run
+went through without a stop or was resumed from the checkpoint of epoch ``e - 1``.
+The RNG states themselves are also stored in checkpoints (as plain tensors and lists,
+loadable with ``weights_only=True``) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data.utils import set_rnd
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import app.nn
+
+__all__ = ["derive_seed", "seed_everything", "seed_epoch", "rng_state", "set_rng_state"]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed mixed from integer keys (numpy ``SeedSequence``: no correlated streams)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy, ``random`` (via MONAI's ``set_determinism``) and app.nn."""
+    set_determinism(seed=seed)
+    app.nn.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
+    """Reseed every random stream for ``epoch`` of process ``rank``.
+
+    Args:
+        seed: the run's seed (``trainer.seed``).
+        epoch: 0-based epoch about to start.
+        rank: the process rank under DDP (0 otherwise).
+        loader: the training loader: its sampler, generator and the random transforms of
+            its dataset are reseeded as well.
+    """
+    s = derive_seed(seed, epoch, rank)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    app.nn.manual_seed(s)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(s)
+    # With worker processes MONAI reseeds the transforms per worker from the loader's
+    # seed; in the main process they keep their own numpy RandomState: reseed it here.
+    set_rnd(loader.dataset, derive_seed(seed, epoch, rank, 1))
+
+
+def rng_state() -> dict[str, Any]:
+    """Snapshot of the torch (CPU and CUDA), numpy and Python RNGs as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a snapshot taken by :func:`rng_state` (CUDA states only where devices match)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
