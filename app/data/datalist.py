@@ -1,0 +1,331 @@
+"""Finding the cases of a dataset on disk and checking them before training starts.
+
+Two layouts are read:
+
+* Medical Segmentation Decathlon: ``dataset.json`` (``labels``, ``modality``, ``training`` and
+  optionally ``validation`` lists of relative ``{"image", "label"}`` paths) next to ``imagesTr/`` and
+  ``labelsTr/``. nnU-Net v2's variant (``labels`` as name -> value, ``channel_names``, no
+  ``training`` list) is read too.
+* A plain folder: ``imagesTr/`` and ``labelsTr/`` matched by base name; images may carry the
+  nnU-Net channel suffix ``_0000`` (``case_0000.nii.gz`` pairs with ``case.nii.gz``).
+
+Images are NIfTI (3D, or 4D multi-channel) or video clips (``.mp4`` / ``.avi`` / ``.mkv``); labels
+are 3D NIfTI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Union
+
+import nibabel as nib
+import numpy as np
+
+from app.data.errors import data_error
+from app.data.nifti import NIFTI_SUFFIXES, VolumeInfo, check_pair, is_nifti, strip_suffix
+from app.data.video import VIDEO_SUFFIXES, is_video
+
+__all__ = ["DataList", "load_datalist"]
+
+PathLikeStr = Union[str, "PathLike[str]"]
+
+DATASET_JSON = "dataset.json"
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+# Labels read (evenly spread over the cases) to find the classes when no dataset.json names them.
+_LABEL_SCAN = 5
+
+
+@dataclass
+class DataList:
+    """The cases of a dataset, split into training and validation.
+
+    Attributes:
+        root: dataset folder (absolute).
+        train: training items ``{"image": abs path, "label": abs path}``.
+        val: validation items, same form.
+        class_names: name of each label value, index = value; ``class_names[0]`` is background.
+        modality: e.g. ``"MRI"``, ``"CT"``, ``"FLAIR,T1w,t1gd,T2w"`` (one per channel) or ``"video"``.
+        n_channels: image channels, when the headers were read (``validate=True``).
+        median_spacing: median voxel size of the images, when the headers were read.
+        median_shape: median spatial shape of the images, when the headers were read.
+    """
+
+    root: Path
+    train: list[dict[str, str]]
+    val: list[dict[str, str]]
+    class_names: list[str]
+    modality: str
+    n_channels: int | None = None
+    median_spacing: tuple[float, float, float] | None = None
+    median_shape: tuple[int, int, int] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, background included."""
+        return len(self.class_names)
+
+
+# --------------------------------------------------------------------------------------------
+# dataset.json
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise data_error(path, f"cannot read JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise data_error(path, f"must hold a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def _class_names_from_json(labels: Any, meta_path: Path) -> list[str]:
+    """``{"0": "background", "1": "liver"}`` (MSD) or ``{"background": 0, "liver": 1}`` (nnU-Net v2).
+
+    Missing values between 0 and the largest are named ``label_<value>`` so that label value and
+    class index stay equal.
+    """
+    if not isinstance(labels, dict) or not labels:
+        raise data_error(meta_path, f"'labels' must be a non-empty object mapping values to names, got {labels!r}")
+    by_value: dict[int, str] = {}
+    if all(str(k).strip().lstrip("-").isdigit() for k in labels):
+        by_value = {int(k): str(v) for k, v in labels.items()}
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        by_value = {int(v): str(k) for k, v in labels.items()}
+    else:
+        raise data_error(
+            meta_path,
+            f"'labels' must map values to names ({{'0': 'background', ...}}) or names to integer values "
+            f"({{'background': 0, ...}}); got {labels!r} (region-based labels are not supported)",
+        )
+    if min(by_value) < 0:
+        raise data_error(meta_path, f"'labels' has a negative value: {sorted(by_value)}")
+    if 0 not in by_value:
+        by_value[0] = "background"
+    return [by_value.get(v, f"label_{v}") for v in range(max(by_value) + 1)]
+
+
+def _modality_from_json(meta: dict[str, Any]) -> str:
+    modality = meta.get("modality", meta.get("channel_names"))
+    if isinstance(modality, dict):
+        return ",".join(str(modality[k]) for k in sorted(modality, key=lambda k: int(k) if str(k).isdigit() else 0))
+    if isinstance(modality, (list, tuple)):
+        return ",".join(map(str, modality))
+    return str(modality) if modality else "unknown"
+
+
+def _items_from_json(entries: Any, key: str, root: Path, meta_path: Path) -> list[dict[str, str]]:
+    if not isinstance(entries, list):
+        raise data_error(meta_path, f"'{key}' must be a list of {{'image', 'label'}} objects")
+    items = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+            raise data_error(
+                meta_path, f"{key}[{i}] must be an object with 'image' and 'label' paths (strings), got {entry!r}"
+            )
+        items.append({"image": _abs(root, entry["image"]), "label": _abs(root, entry["label"])})
+    return items
+
+
+def _abs(root: Path, rel: str) -> str:
+    """``root / rel`` made absolute and normalised (``./imagesTr/a.nii.gz`` -> ``/root/imagesTr/a.nii.gz``)."""
+    return os.path.normpath(os.path.join(root, os.path.expanduser(rel)))
+
+
+# --------------------------------------------------------------------------------------------
+# imagesTr / labelsTr folders
+# --------------------------------------------------------------------------------------------
+
+
+def _case_id(image: Path) -> tuple[str, int | None]:
+    """``case_0000.nii.gz -> ("case", 0)``, ``case.mp4 -> ("case", None)``."""
+    stem = strip_suffix(image.name, NIFTI_SUFFIXES + VIDEO_SUFFIXES)
+    match = _CHANNEL_SUFFIX.search(stem)
+    if match:
+        return stem[: match.start()], int(match.group(1))
+    return stem, None
+
+
+def _items_from_folders(root: Path) -> list[dict[str, str]]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise data_error(images_dir, "images folder not found")
+    if not labels_dir.is_dir():
+        raise data_error(labels_dir, f"labels folder not found (needed for the images in {images_dir})")
+    images = sorted(
+        p
+        for p in images_dir.iterdir()
+        if p.is_file() and not p.name.startswith(".") and (is_nifti(p) or is_video(p))  # skips macOS ._ files
+    )
+    if not images:
+        raise data_error(
+            images_dir, f"no images in the folder (expected {', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} files)"
+        )
+    labels = {
+        strip_suffix(p.name, NIFTI_SUFFIXES): p
+        for p in sorted(labels_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".") and is_nifti(p)
+    }
+    by_case: dict[str, Path] = {}
+    for image in images:
+        case, channel = _case_id(image)
+        if channel not in (None, 0):
+            raise data_error(
+                image,
+                f"channel file _{channel:04d}: images split into one file per channel are not supported; "
+                "stack the channels into one 4D NIfTI (X, Y, Z, C)",
+            )
+        if case in by_case:
+            raise data_error(image, f"second image for case '{case}' (the first is {by_case[case]})")
+        by_case[case] = image
+    items = []
+    for case, image in by_case.items():
+        label = labels.get(case)
+        if label is None:
+            raise data_error(labels_dir / f"{case}.nii.gz", f"label not found for image {image}")
+        items.append({"image": str(image), "label": str(label)})
+    return items
+
+
+def _class_names_from_labels(items: list[dict[str, str]]) -> list[str]:
+    """Reads up to ``_LABEL_SCAN`` labels spread over the cases; names ``background, label_1, ...``."""
+    if not items:
+        return ["background"]
+    picks = sorted({round(i) for i in np.linspace(0, len(items) - 1, min(_LABEL_SCAN, len(items)))})
+    top = 0
+    for i in picks:
+        path = items[i]["label"]
+        try:
+            data = np.asanyarray(nib.load(path).dataobj)
+        except Exception as e:  # noqa: BLE001  nibabel/gzip raise many types for broken files
+            raise data_error(path, f"cannot read label data ({type(e).__name__}: {e})") from e
+        if data.size == 0:
+            raise data_error(path, "label is empty")
+        lo, hi = float(np.min(data)), float(np.max(data))
+        if lo < 0:
+            raise data_error(path, f"label has negative values (min {lo}); labels must be 0..n_classes-1")
+        if np.issubdtype(data.dtype, np.floating) and not np.all(np.mod(data, 1) == 0):
+            raise data_error(path, "label has non-integer values; labels must be integer classes")
+        top = max(top, int(hi))
+    return ["background"] + [f"label_{v}" for v in range(1, top + 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Split and checks
+# --------------------------------------------------------------------------------------------
+
+
+def _split(
+    items: list[dict[str, str]], val_fraction: float, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Deterministic split; at least one case each side when ``val_fraction > 0`` and there are 2+."""
+    n = len(items)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    return [it for i, it in enumerate(items) if i not in val_idx], [it for i, it in enumerate(items) if i in val_idx]
+
+
+def _validate(items: list[dict[str, str]], meta_path: Path | None) -> list[VolumeInfo]:
+    """Header checks of every pair; returns the image headers."""
+    infos = []
+    where = f" (listed in {meta_path})" if meta_path is not None else ""
+    for item in items:
+        image, label = Path(item["image"]), Path(item["label"])
+        if not image.is_file():
+            raise data_error(image, f"image file not found{where}")
+        if not label.is_file():
+            raise data_error(label, f"label file not found for image {image}{where}")
+        image_info, _ = check_pair(image, label)
+        if infos and image_info.n_channels != infos[0].n_channels:
+            raise data_error(
+                image,
+                f"image has {image_info.n_channels} channel(s) but {infos[0].path} has {infos[0].n_channels}; "
+                "all images need the same channels",
+            )
+        infos.append(image_info)
+    return infos
+
+
+def load_datalist(
+    root: PathLikeStr,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    validate: bool = True,
+) -> DataList:
+    """Finds a dataset's cases, splits them and (by default) checks every image/label pair.
+
+    Args:
+        root: dataset folder (or its ``dataset.json``).
+        val_fraction: share of cases held out for validation when ``dataset.json`` has no
+            ``validation`` list (at least one case when > 0 and there are 2+ cases). Default 0.2.
+        seed: seed of that split; the same seed gives the same split.
+        validate: read every header (no voxel data) and check the pairs, so that a bad case fails
+            here rather than hours into training: missing files, unreadable / truncated files,
+            2D or 5D+ volumes, 4D labels, image/label shape or affine mismatch, images with
+            different channel counts. Default True.
+
+    Returns:
+        The :class:`DataList`; with ``validate``, ``n_channels``, ``median_spacing`` and
+        ``median_shape`` are filled in.
+
+    Raises:
+        DataError: every bad-input case; the message starts with the offending path.
+        ValueError: ``val_fraction`` outside [0, 1).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got val_fraction={val_fraction}")
+    root = Path(root).expanduser().absolute()
+    if root.is_file() and root.name == DATASET_JSON:
+        root = root.parent
+    if not root.is_dir():
+        raise data_error(root, "dataset folder not found")
+    meta_path: Path | None = root / DATASET_JSON
+    val: list[dict[str, str]] | None = None
+    if meta_path.is_file():
+        meta = _read_json(meta_path)
+        if "training" in meta:
+            items = _items_from_json(meta["training"], "training", root, meta_path)
+            if meta.get("validation"):
+                val = _items_from_json(meta["validation"], "validation", root, meta_path)
+        else:  # nnU-Net v2: no list, files in imagesTr / labelsTr
+            items = _items_from_folders(root)
+        class_names = _class_names_from_json(meta["labels"], meta_path) if "labels" in meta else None
+        modality = _modality_from_json(meta)
+    elif (root / "imagesTr").is_dir():
+        meta_path = None
+        items = _items_from_folders(root)
+        class_names = None
+        modality = "unknown"
+    else:
+        raise data_error(
+            root,
+            f"no {DATASET_JSON} and no imagesTr/ folder; expected the Decathlon layout "
+            f"({DATASET_JSON} + imagesTr/ + labelsTr/) or imagesTr/ + labelsTr/ with matching file names",
+        )
+    if not items:
+        raise data_error(meta_path or root, "no training cases listed")
+    if any(is_video(it["image"]) for it in items) and modality == "unknown":
+        modality = "video"
+    train, val = (items, val) if val is not None else _split(items, val_fraction, seed)
+
+    infos = _validate(train + val, meta_path) if validate else []
+    if class_names is None:
+        class_names = _class_names_from_labels(train + val)
+    datalist = DataList(root, train, val, class_names, modality)
+    if infos:
+        datalist.n_channels = infos[0].n_channels
+        spacing = np.median(np.array([i.spacing for i in infos]), axis=0)
+        shape = np.median(np.array([i.shape for i in infos]), axis=0)
+        datalist.median_spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        datalist.median_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+    return datalist
