@@ -1,0 +1,418 @@
+"""app.nn: exactness of forward and input gradient, unbiasedness of the weight gradient, memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import app.nn as snn
+from app.nn.functional import ConvGeometry, _StochasticConv
+from app.nn.probes import generate_block, probe_blocks
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+SCONV = {1: snn.stochastic_conv1d, 2: snn.stochastic_conv2d, 3: snn.stochastic_conv3d}
+SCONV_T = {1: snn.stochastic_conv_transpose1d, 2: snn.stochastic_conv_transpose2d, 3: snn.stochastic_conv_transpose3d}
+SIZES = {1: (23,), 2: (9, 10), 3: (7, 6, 8)}
+
+# (dims, transposed, conv kwargs, sketch)
+CASES = [
+    (1, False, dict(padding=1), "offset"),
+    (2, False, dict(), "offset"),
+    (2, False, dict(padding=2, dilation=2), "shifted"),
+    (3, False, dict(padding=1), "offset"),
+    (3, False, dict(padding=1), "shifted"),
+    (3, False, dict(stride=2, padding=1), "offset"),
+    (3, False, dict(stride=2, padding=1), "shifted"),
+    (3, False, dict(dilation=2, padding=2), "offset"),
+    (3, False, dict(groups=2, padding=1), "offset"),
+    (3, False, dict(groups=2, padding=1), "shifted"),
+    (1, True, dict(stride=2, padding=1, output_padding=1), "shifted"),
+    (2, True, dict(stride=2, dilation=3, padding=2, output_padding=2), "shifted"),
+    (3, True, dict(stride=2), "shifted"),
+    (3, True, dict(groups=2, padding=1), "shifted"),
+]
+
+
+def _case_tensors(dims, transposed, kwargs, dtype=torch.float32, batch=2):
+    gen = torch.Generator().manual_seed(1234)
+    groups = kwargs.get("groups", 1)
+    c_in, c_out = 4, 6
+    x = (torch.rand(batch, c_in, *SIZES[dims], generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    shape = (c_in, c_out // groups) if transposed else (c_out, c_in // groups)
+    w = torch.randn(*shape, *([3] * dims), generator=gen, dtype=dtype).requires_grad_()
+    b = torch.randn(c_out, generator=gen, dtype=dtype).requires_grad_()
+    return x, w, b
+
+
+def _run(dims, transposed, kwargs, x, w, b, **sketch):
+    if transposed:
+        return SCONV_T[dims](x, w, b, **kwargs, **sketch)
+    return SCONV[dims](x, w, b, **kwargs, **sketch)
+
+
+def _exact(dims, transposed, kwargs, x, w, b):
+    return (CONV_T if transposed else CONV)[dims](x, w, b, **kwargs)
+
+
+@pytest.mark.parametrize("dims,transposed,kwargs,sketch", CASES)
+def test_forward_and_input_gradient_match_torch(dims, transposed, kwargs, sketch):
+    x, w, b = _case_tensors(dims, transposed, kwargs)
+    y_ref = _exact(dims, transposed, kwargs, x, w, b)
+    gy = torch.randn_like(y_ref)
+    gx_ref, gb_ref = torch.autograd.grad(y_ref, (x, b), gy)
+    y = _run(dims, transposed, kwargs, x, w, b, n_probes=4, sketch=sketch, seed=0)
+    gx, gb, gw = torch.autograd.grad(y, (x, b, w), gy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-4, atol=1e-4)  # fp32 sums in another order
+    assert gw.shape == w.shape and gw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("dims,transposed,kwargs,sketch", [CASES[0], CASES[5], CASES[8], CASES[11]])
+def test_gradcheck_float64_input_gradient(dims, transposed, kwargs, sketch):
+    """Input (and bias) gradients are exact: float64 gradcheck with the weight held fixed."""
+    x, w, b = _case_tensors(dims, transposed, kwargs, dtype=torch.float64, batch=1)
+    w_sketched = w.detach().requires_grad_()  # sketched dW is random, so gradcheck only x and b
+
+    def f(x_, b_):
+        return _run(dims, transposed, kwargs, x_, w_sketched, b_, n_probes=4, sketch=sketch, seed=0)
+
+    assert torch.autograd.gradcheck(f, (x, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims,transposed,kwargs,sketch", CASES)
+@pytest.mark.parametrize("control", ["mean", "none"])
+def test_weight_gradient_is_unbiased(dims, transposed, kwargs, sketch, control):
+    """The mean of n independent estimates converges to the exact dW at the 1/sqrt(n) rate:
+    the standardised error z = (mean - exact) / (std / sqrt(n)) has E[z^2] = 1 per entry, for any n.
+    A bias b makes E[z^2] grow like n * b^2 / var, so checking it at n = 300 catches biases far
+    smaller than one estimate's noise."""
+    x, w, b = _case_tensors(dims, transposed, kwargs)
+    y_ref = _exact(dims, transposed, kwargs, x, w, b)
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7))
+    (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
+    n = 300
+    estimates = torch.stack([
+        torch.autograd.grad(_run(dims, transposed, kwargs, x, w, b, n_probes=4, sketch=sketch, control=control, seed=s), w, gy)[0]
+        for s in range(n)
+    ])
+    mean, std = estimates.mean(0), estimates.std(0)
+    z2 = ((mean - gw_ref) / (std / math.sqrt(n))).pow(2).mean().item()
+    assert 0.5 < z2 < 1.6, f"mean squared z-score {z2:.2f} (1 for an unbiased estimator)"
+    # and the 1/sqrt(n) rate itself: error of the mean of 16 vs of 256 estimates, aggregated over entries
+    err16 = (estimates[:256].view(16, 16, *w.shape).mean(1) - gw_ref).pow(2).sum().item() / 16
+    err256 = (estimates[:256].mean(0) - gw_ref).pow(2).sum().item()
+    ratio = math.sqrt(err16 / err256)
+    assert 2.0 < ratio < 8.0, f"error ratio {ratio:.2f} for 16x more samples (4 expected)"
+
+
+def test_relative_error_falls_as_one_over_sqrt_probes():
+    x, w, b = _case_tensors(3, False, dict(padding=1))
+    y_ref = F.conv3d(x, w, b, padding=1)
+    gy = torch.randn_like(y_ref)
+    (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
+
+    def rms_rel_error(r: int) -> float:
+        errs = [
+            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=r, seed=s), w, gy)[0] - gw_ref).pow(2).sum()
+            for s in range(40)
+        ]
+        return math.sqrt(torch.stack(errs).mean().item()) / gw_ref.norm().item()
+
+    ratio = rms_rel_error(4) / rms_rel_error(64)
+    assert 3.0 < ratio < 5.3, f"relative error ratio r=4 vs r=64 is {ratio:.2f} (4 expected)"
+
+
+def test_control_variate_lowers_error_on_positive_inputs():
+    x, w, b = _case_tensors(3, False, dict(padding=1))
+    y_ref = F.conv3d(x, w, b, padding=1)
+    gy = torch.randn_like(y_ref)
+    (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
+    errors = {}
+    for control in ("mean", "none"):
+        errs = [
+            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8, control=control, seed=s), w, gy)[0] - gw_ref).norm()
+            for s in range(30)
+        ]
+        errors[control] = torch.stack(errs).mean().item()
+    assert errors["mean"] < 0.6 * errors["none"]
+
+
+@pytest.mark.parametrize("probes", ["rademacher", "gaussian", "orthogonal"])
+def test_probe_families_have_identity_second_moment(probes):
+    """E[z_n z_m] = delta_nm per column: check the empirical second moment over many seeds."""
+    r, spatial = 8, (3, 4, 8)
+    samples = torch.cat([
+        generate_block(probes, seed, r, (0, r), 1, spatial, torch.device("cpu"), torch.float32).reshape(r, -1)
+        for seed in range(400)
+    ])  # (400 r, N)
+    second = samples.t() @ samples / samples.shape[0]
+    torch.testing.assert_close(second.diagonal(), torch.ones(second.shape[0]), atol=0.2, rtol=0)
+    off = second - torch.diag(second.diagonal())
+    assert off.abs().max() < 0.2
+    if probes == "orthogonal":  # columns are exactly orthogonal when the last dim is a multiple of r
+        z = samples[:r]
+        gram = z @ z.t()
+        torch.testing.assert_close(gram, torch.eye(r) * z.shape[1])
+
+
+def test_saved_state_is_under_one_percent_and_does_not_grow():
+    """StochasticConv3d(32 -> 32) on 1x32x64^3 keeps < 1% of nn.Conv3d's saved bytes, volume-independent."""
+    layer = snn.StochasticConv3d(32, 32, 3, padding=1, n_probes=16)
+    reference = torch.nn.Conv3d(32, 32, 3, padding=1)
+
+    def saved(module, size):
+        x = torch.randn(1, 32, size, size, size, requires_grad=True)
+        with snn.SavedTensorCounter() as counter:
+            module(x)
+        return counter.bytes
+
+    exact_bytes = saved(reference, 64)
+    stochastic_bytes = saved(layer, 64)
+    assert exact_bytes >= 4 * 32 * 64**3  # the input itself
+    assert stochastic_bytes < 0.01 * exact_bytes, (stochastic_bytes, exact_bytes)
+    assert saved(layer, 24) == stochastic_bytes
+
+
+def test_probe_blocks_never_exceed_the_output_size():
+    """Probe generation is chunked: no probe block is larger than the layer output."""
+    for r, volume, budget in [(16, 64**3, 32 * 64**3), (64, 64**3, 32 * 64**3), (432, 64**3, 32 * 64**3), (16, 10, 5)]:
+        blocks = probe_blocks(r, volume, budget)
+        assert blocks[0][0] == 0 and blocks[-1][1] == r
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert all((stop - start) * volume <= max(budget, volume) for start, stop in blocks)
+
+
+def test_global_rng_untouched_and_deterministic_given_seed():
+    x, w, b = _case_tensors(3, False, dict(padding=1))
+    cpu_state = torch.get_rng_state()
+    grads = []
+    for _ in range(2):
+        y = snn.stochastic_conv3d(x, w, b, padding=1, seed=42)
+        grads.append(torch.autograd.grad(y.sum(), w)[0])
+    snn.stochastic_conv3d(x, w, b, padding=1).sum().backward()  # seed drawn from the private stream
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert torch.equal(grads[0], grads[1])
+    snn.manual_seed(3)
+    g1 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1).sum(), w)[0]
+    snn.manual_seed(3)
+    g2 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1).sum(), w)[0]
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_returns_weight_gradient_in_parameter_dtype(dtype):
+    layer = snn.StochasticConv3d(4, 6, 3, padding=1, n_probes=64)  # loss y^2/2: dW is a large, well-estimated signal
+    ref = torch.nn.Conv3d(4, 6, 3, padding=1)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.rand(2, 4, 8, 8, 8) + 0.5
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == dtype
+    torch.testing.assert_close(y, y_ref)
+    y.float().pow(2).sum().div(2).backward()
+    y_ref.float().pow(2).sum().div(2).backward()
+    assert layer.weight.grad.dtype == torch.float32
+    cos = F.cosine_similarity(layer.weight.grad.flatten(), ref.weight.grad.flatten(), 0)
+    assert cos > 0.8
+
+
+def test_eval_and_no_grad_are_plain_convolutions():
+    layer = snn.StochasticConv3d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 6, 6, 6, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__.startswith("_StochasticConv")
+    layer.eval()
+    assert type(layer(x).grad_fn).__name__ == "ConvolutionBackward0"
+    layer.train()
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with snn.exact(layer):
+        assert type(layer(x).grad_fn).__name__ == "ConvolutionBackward0"
+    layer.min_voxels = 1000
+    assert type(layer(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module_padding_modes_match_torch(padding_mode):
+    torch.manual_seed(0)
+    layer = snn.StochasticConv2d(3, 4, 3, padding=1, padding_mode=padding_mode, n_probes=64)
+    ref = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.rand(2, 3, 12, 11, requires_grad=True)
+    y, y_ref = layer(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    gx = torch.autograd.grad(y, x, gy, retain_graph=True)[0]
+    gx_ref = torch.autograd.grad(y_ref, x, gy, retain_graph=True)[0]
+    torch.testing.assert_close(gx, gx_ref)
+    y.pow(2).sum().div(2).backward()  # dW = sum of y x: a large signal the sketch must find
+    y_ref.pow(2).sum().div(2).backward()
+    assert F.cosine_similarity(layer.weight.grad.flatten(), ref.weight.grad.flatten(), 0) > 0.9
+
+
+def test_transposed_module_with_output_size():
+    layer = snn.StochasticConvTranspose3d(4, 2, 3, stride=2, padding=1)
+    ref = torch.nn.ConvTranspose3d(4, 2, 3, stride=2, padding=1)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 4, 5, 5, 5)
+    out = layer(x, output_size=[10, 10, 10])
+    torch.testing.assert_close(out, ref(x, output_size=[10, 10, 10]))
+    out.sum().backward()
+    assert layer.weight.grad.shape == layer.weight.shape
+
+
+def test_same_padding_string():
+    x = torch.randn(1, 2, 9, 8, requires_grad=True)
+    w = torch.randn(3, 2, 4, 3, requires_grad=True)
+    torch.testing.assert_close(snn.stochastic_conv2d(x, w, padding="same"), F.conv2d(x, w, padding="same"))
+    torch.testing.assert_close(snn.stochastic_conv2d(x, w, padding="valid"), F.conv2d(x, w, padding="valid"))
+
+
+def test_unsupported_options_raise_errors_naming_the_option():
+    x = torch.randn(1, 2, 5, 5, 5)
+    w = torch.randn(3, 2, 3, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="probes"):
+        snn.stochastic_conv3d(x, w, probes="sobol")
+    with pytest.raises(ValueError, match="n_probes"):
+        snn.stochastic_conv3d(x, w, n_probes=-1)
+    with pytest.raises(ValueError, match="n_probes"):
+        snn.stochastic_conv3d(x, w, n_probes=12, probes="orthogonal")
+    with pytest.raises(ValueError, match="sketch"):
+        snn.stochastic_conv3d(x, w, sketch="roll")
+    with pytest.raises(ValueError, match="control"):
+        snn.stochastic_conv3d(x, w, control="pooled2")
+    with pytest.raises(ValueError, match="sketch='offset'"):
+        snn.stochastic_conv_transpose3d(x, w.transpose(0, 1), sketch="offset")
+    with pytest.raises(ValueError, match="stride=1"):
+        snn.stochastic_conv3d(x, w, padding="same", stride=2)
+    with pytest.raises(ValueError, match="padding"):
+        snn.stochastic_conv3d(x, w, padding="full")
+    with pytest.raises(ValueError, match="channels"):
+        snn.stochastic_conv3d(torch.randn(1, 5, 5, 5, 5), w)
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        snn.stochastic_conv3d(torch.randn(2, 5, 5, 5), w)
+    with pytest.raises(ValueError, match="min_voxels"):
+        snn.StochasticConv3d(2, 3, 3, min_voxels=-1)
+
+
+def test_convert_keeps_parameters_and_state_dict_and_exact_switch():
+    from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
+
+    nets = [
+        UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1),
+        BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch"),
+        DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16]),
+        SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)),
+    ]
+    x = torch.randn(2, 1, 16, 16, 16)
+    for net in nets:
+        n_convs = sum(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in net.modules())
+        params = list(net.parameters())
+        keys = list(net.state_dict())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        assert snn.convert(net, n_probes=8) is net
+        assert all(a is b for a, b in zip(params, net.parameters()))
+        assert list(net.state_dict()) == keys
+        assert len(list(snn.stochastic_layers(net))) == n_convs > 0
+        net(x).sum().backward()
+        before = [p.detach().clone() for p in params]
+        optimizer.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, params))
+        with snn.exact(net):
+            assert all(layer.force_exact for _, layer in snn.stochastic_layers(net))
+        assert not any(layer.force_exact for _, layer in snn.stochastic_layers(net))
+
+
+def test_convert_include_exclude_and_min_voxels():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(2, 2, 3), torch.nn.Linear(2, 2))
+    snn.convert(net, 4, exclude=["1"], min_voxels=10)
+    assert isinstance(net[0], snn.StochasticConv3d) and net[0].min_voxels == 10
+    assert type(net[1]) is torch.nn.Conv3d
+    snn.convert(net, 0, include=["0"])
+    assert net[0].n_probes == 0
+
+
+def test_exact_mode_gives_exact_weight_gradient():
+    torch.manual_seed(0)
+    net = snn.convert(torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 1, 3)), 4)
+    ref = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 1, 3))
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 2, 7, 7, 7)
+    with snn.exact(net):
+        net(x).sum().backward()
+    ref(x).sum().backward()
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return snn.convert(
+        torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3, padding=1)),
+        n_probes=8,
+    )
+
+
+def test_works_under_non_reentrant_checkpoint():
+    """With checkpointing the recomputed sketch and its seed stay together: estimates stay unbiased."""
+    net = _small_net()
+    x = torch.rand(2, 2, 6, 6, 6)
+    with snn.exact(net):
+        (gw_ref,) = torch.autograd.grad(net(x).pow(2).sum(), net[0].weight)
+    n = 200
+    estimates = torch.stack([
+        torch.autograd.grad(checkpoint(net, x, use_reentrant=False).pow(2).sum(), net[0].weight)[0] for _ in range(n)
+    ])
+    z2 = ((estimates.mean(0) - gw_ref) / (estimates.std(0) / math.sqrt(n))).pow(2).mean().item()
+    assert 0.5 < z2 < 1.7, z2
+
+
+def test_works_under_torch_compile():
+    net = _small_net()
+    x = torch.rand(2, 2, 6, 6, 6)
+    compiled = torch.compile(net, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), net(x))
+    with snn.exact(net):
+        (gw_ref,) = torch.autograd.grad(net(x).pow(2).sum(), net[0].weight)
+    estimates = torch.stack([torch.autograd.grad(compiled(x).pow(2).sum(), net[0].weight)[0] for _ in range(100)])
+    z2 = ((estimates.mean(0) - gw_ref) / (estimates.std(0) / 10)).pow(2).mean().item()
+    assert 0.4 < z2 < 1.8, z2
+
+
+@pytest.mark.slow
+def test_works_under_torch_compile_inductor():
+    net = _small_net()
+    x = torch.rand(2, 2, 6, 6, 6)
+    compiled = torch.compile(net)
+    torch.testing.assert_close(compiled(x), net(x))
+    compiled(x).sum().backward()
+    assert net[0].weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_is_unbiased():
+    x, w, b = (t.detach().cuda().requires_grad_() for t in _case_tensors(3, False, dict(padding=1)))
+    y_ref = F.conv3d(x, w, b, padding=1)
+    gy = torch.randn_like(y_ref)
+    (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
+    n = 300
+    est = torch.stack([torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=4, seed=s), w, gy)[0] for s in range(n)])
+    z2 = ((est.mean(0) - gw_ref) / (est.std(0) / math.sqrt(n))).pow(2).mean().item()
+    assert 0.5 < z2 < 1.6
+
+
+def test_autograd_function_saves_no_input():
+    """The function's saved tensors are the weight, the sketch, the mean and the seed: none is the input."""
+    x = torch.randn(1, 3, 10, 10, 10, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, 3, requires_grad=True)
+    geom = ConvGeometry(stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1), groups=1, kernel=(3, 3, 3))
+    y = _StochasticConv.apply(x, w, None, geom, 4, "rademacher", "offset", "mean", 0)
+    shapes = sorted(tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None)
+    assert shapes == sorted([(), (1, 3), (4, 3, 3, 3, 3), (5, 3, 3, 3, 3)])
