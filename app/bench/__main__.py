@@ -1,0 +1,26 @@
+"""``python -m app.bench {layer,memory,fidelity} [options]``: benchmarks that print numbers."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "layer": ("app.bench.layer", "one 3D convolution: exact vs stochastic (memory, time, dW error)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m app.bench COMMAND [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:10s} {text}")
+        print("\n`python -m app.bench COMMAND --help` for a command's options.")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
