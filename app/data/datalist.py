@@ -235,7 +235,7 @@ def _split(
     return [it for i, it in enumerate(items) if i not in val_idx], [it for i, it in enumerate(items) if i in val_idx]
 
 
-def _validate(items: list[dict[str, str]], meta_path: Path | None) -> list[VolumeInfo]:
+def _validate(items: list[dict[str, str]], meta_path: Path | None, verify_checksums: bool) -> list[VolumeInfo]:
     """Header checks of every pair; returns the image headers."""
     infos = []
     where = f" (listed in {meta_path})" if meta_path is not None else ""
@@ -245,7 +245,7 @@ def _validate(items: list[dict[str, str]], meta_path: Path | None) -> list[Volum
             raise data_error(image, f"image file not found{where}")
         if not label.is_file():
             raise data_error(label, f"label file not found for image {image}{where}")
-        image_info, _ = check_pair(image, label)
+        image_info, _ = check_pair(image, label, verify_checksum=verify_checksums)
         if infos and image_info.n_channels != infos[0].n_channels:
             raise data_error(
                 image,
@@ -261,6 +261,8 @@ def load_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     validate: bool = True,
+    *,
+    verify_checksums: bool = False,
 ) -> DataList:
     """Finds a dataset's cases, splits them and (by default) checks every image/label pair.
 
@@ -273,6 +275,9 @@ def load_datalist(
             here rather than hours into training: missing files, unreadable / truncated files,
             2D or 5D+ volumes, 4D labels, image/label shape or affine mismatch, images with
             different channel counts. Default True.
+        verify_checksums: with ``validate``, also decompress every ``.nii.gz`` whole to check its
+            CRC: finds damage inside the voxel data, which the header checks and nibabel itself
+            miss, at the cost of reading the whole dataset once. Default False.
 
     Returns:
         The :class:`DataList`; with ``validate``, ``n_channels``, ``median_spacing`` and
@@ -318,7 +323,7 @@ def load_datalist(
         modality = "video"
     train, val = (items, val) if val is not None else _split(items, val_fraction, seed)
 
-    infos = _validate(train + val, meta_path) if validate else []
+    infos = _validate(train + val, meta_path, verify_checksums) if validate else []
     if class_names is None:
         class_names = _class_names_from_labels(train + val)
     datalist = DataList(root, train, val, class_names, modality)

@@ -90,7 +90,7 @@ def build_loaders(
         cache: ``"none"``; ``"memory"`` (``CacheDataset``: preprocessed volumes in RAM); ``"disk"``
             (``PersistentDataset`` under ``cache_dir``, one subfolder per preprocessing setting).
             The cache holds everything up to the first random transform.
-        cache_dir: folder for ``cache="disk"``.
+        cache_dir: folder for ``cache="disk"``; None means ``<datalist.root>/.cache``.
         num_samples: patches cut from each loaded volume.
         distributed: shard both loaders over the ``torch.distributed`` process group (initialised by
             the caller): training through ``DistributedSampler`` (call
@@ -105,15 +105,13 @@ def build_loaders(
 
     Raises:
         DataError: no training cases, class count or channel count mismatch.
-        ValueError: bad ``cache``, missing ``cache_dir``, non-positive sizes, or
+        ValueError: bad ``cache``, non-positive sizes, or
             ``distributed=True`` without an initialised process group.
     """
     cache = look_up_option(cache, CACHE_MODES)
     patch = _patch(patch_size)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size=}, {num_workers=}")
-    if cache == "disk" and cache_dir is None:
-        raise ValueError("cache='disk' needs cache_dir (a folder for the preprocessed volumes)")
     if not datalist.train:
         raise data_error(datalist.root, "no training cases")
     if n_classes != datalist.n_classes:
@@ -131,7 +129,9 @@ def build_loaders(
     train_tf = train_transforms(pre, patch, n_classes, num_samples=num_samples)
     train_tf.set_random_state(seed=seed + rank)
     val_tf = val_transforms(pre)
-    root_cache = Path(cache_dir) if cache_dir is not None else None
+    root_cache = None
+    if cache == "disk":
+        root_cache = Path(cache_dir).expanduser() if cache_dir is not None else datalist.root / ".cache"
     train_dir = _cache_subdir(root_cache, pre, patch, n_classes, "train") if root_cache else None
     val_dir = _cache_subdir(root_cache, pre, patch, n_classes, "val") if root_cache else None
     train_ds = _dataset(datalist.train, train_tf, cache, train_dir)

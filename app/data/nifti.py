@@ -101,20 +101,21 @@ def _gzip_uncompressed_size(path: Path) -> int:
     return n
 
 
-def _check_data_size(path: Path, expected: int) -> None:
+def _check_data_size(path: Path, expected: int, verify_checksum: bool = False) -> None:
     """Detects truncated files without decoding the voxels where possible.
 
     An uncompressed ``.nii`` must be at least ``expected`` bytes long. For ``.nii.gz`` the gzip trailer
     stores the uncompressed size; a truncated file ends mid-stream, so its last four bytes are
     compressed data and almost never equal ``expected mod 2**32``. Only on a mismatch (truncation, or
-    a legitimate multi-member gzip) is the file decompressed to decide.
+    a legitimate multi-member gzip) is the file decompressed to decide. ``verify_checksum`` always
+    decompresses, which also checks the CRC and so finds damage inside the voxel block.
     """
     if not str(path).lower().endswith(".gz"):
         size = path.stat().st_size
         if size < expected:
             raise data_error(path, f"file is truncated: {expected} bytes expected from the header, found {size}")
         return
-    if path.stat().st_size >= 18 and _gzip_isize(path) == expected % (1 << 32):
+    if not verify_checksum and path.stat().st_size >= 18 and _gzip_isize(path) == expected % (1 << 32):
         return
     try:
         size = _gzip_uncompressed_size(path)
@@ -124,7 +125,7 @@ def _check_data_size(path: Path, expected: int) -> None:
         raise data_error(path, f"file is truncated: {expected} bytes expected from the header, found {size}")
 
 
-def read_header_info(path: PathLikeStr, *, check_size: bool = True) -> VolumeInfo:
+def read_header_info(path: PathLikeStr, *, check_size: bool = True, verify_checksum: bool = False) -> VolumeInfo:
     """Reads shape, channels, affine and spacing of a NIfTI file from its header only.
 
     Accepted: 3D ``(X, Y, Z)`` and 4D ``(X, Y, Z, C)`` with ``C <= MAX_CHANNELS`` (multi-channel
@@ -134,6 +135,8 @@ def read_header_info(path: PathLikeStr, *, check_size: bool = True) -> VolumeInf
         path: a ``.nii`` or ``.nii.gz`` file.
         check_size: also detect truncated files (a stat, or reading the gzip trailer; see
             ``_check_data_size``). Default True.
+        verify_checksum: decompress ``.nii.gz`` files whole to check their CRC (finds corruption
+            inside the voxel data, which nibabel itself does not notice; costs a full read).
 
     Returns:
         The header's :class:`VolumeInfo`.
@@ -153,7 +156,8 @@ def read_header_info(path: PathLikeStr, *, check_size: bool = True) -> VolumeInf
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
         dtype = header.get_data_dtype()
-        offset = int(header.get_data_offset())
+        # The loaded header reports vox_offset 0; the array proxy knows where the voxels start.
+        offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     except _READ_ERRORS as e:
         raise data_error(p, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -174,18 +178,18 @@ def read_header_info(path: PathLikeStr, *, check_size: bool = True) -> VolumeInf
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise data_error(p, f"affine is singular or not finite (voxel sizes {header.get_zooms()[:3]}); fix the header")
     if check_size:
-        _check_data_size(p, offset + int(np.prod(shape)) * dtype.itemsize)
+        _check_data_size(p, offset + int(np.prod(shape)) * dtype.itemsize, verify_checksum)
     spatial = (shape[0], shape[1], shape[2])
     return VolumeInfo(p, spatial, n_channels, affine, _spacing_from_affine(affine), str(dtype))
 
 
-def read_volume_info(path: PathLikeStr) -> VolumeInfo:
+def read_volume_info(path: PathLikeStr, verify_checksum: bool = False) -> VolumeInfo:
     """:func:`read_header_info` for NIfTI files, the video probe of :mod:`app.data.video` for clips."""
     from app.data.video import is_video, read_video_info  # local: video imports this module
 
     if is_video(path):
         return read_video_info(path)
-    return read_header_info(path)
+    return read_header_info(path, verify_checksum=verify_checksum)
 
 
 def check_pair_info(image: VolumeInfo, label: VolumeInfo, atol: float = 1e-3) -> None:
@@ -218,13 +222,16 @@ def check_pair_info(image: VolumeInfo, label: VolumeInfo, atol: float = 1e-3) ->
         )
 
 
-def check_pair(image_path: PathLikeStr, label_path: PathLikeStr, atol: float = 1e-3) -> tuple[VolumeInfo, VolumeInfo]:
+def check_pair(
+    image_path: PathLikeStr, label_path: PathLikeStr, atol: float = 1e-3, *, verify_checksum: bool = False
+) -> tuple[VolumeInfo, VolumeInfo]:
     """Reads both headers and checks that the label fits the image (see :func:`check_pair_info`).
 
     Args:
         image_path: NIfTI image (3D or 4D multi-channel) or video clip.
         label_path: 3D NIfTI label.
         atol: affine tolerance.
+        verify_checksum: also decompress ``.nii.gz`` files whole to check their CRC.
 
     Returns:
         ``(image_info, label_info)``.
@@ -232,8 +239,8 @@ def check_pair(image_path: PathLikeStr, label_path: PathLikeStr, atol: float = 1
     Raises:
         DataError: either file unreadable, or the pair disagrees (message names both files).
     """
-    image = read_volume_info(image_path)
-    label = read_header_info(label_path)
+    image = read_volume_info(image_path, verify_checksum=verify_checksum)
+    label = read_header_info(label_path, verify_checksum=verify_checksum)
     check_pair_info(image, label, atol)
     return image, label
 

@@ -67,7 +67,7 @@ def claim_dataset_root(root: PathLikeStr, key: str, params: dict[str, Any]) -> b
     Raises:
         DataError: ``root`` holds another dataset, other files, or an unreadable dataset.json.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     want = _jsonable(params)
     if root.exists() and not root.is_dir():
         raise data_error(root, "exists and is not a folder")
@@ -105,7 +105,7 @@ def claim_dataset_root(root: PathLikeStr, key: str, params: dict[str, Any]) -> b
 
 def finish_dataset_root(root: PathLikeStr, meta: dict[str, Any]) -> Path:
     """Writes dataset.json last (atomically) and removes the in-progress marker; returns ``root``."""
-    root = Path(root)
+    root = Path(root).expanduser()
     _write_json_atomic(root / DATASET_JSON, _jsonable(meta))
     (root / _IN_PROGRESS).unlink(missing_ok=True)
     return root
@@ -295,7 +295,7 @@ def make_synthetic_dataset(
         raise ValueError(f"n_classes must be in 2..255 (background included), got n_classes={n_classes}")
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
-    root = Path(root)
+    root = Path(root).expanduser()
     params = {
         "version": _SYNTHETIC_VERSION,
         "n_train": n_train,
@@ -407,7 +407,7 @@ def make_mni_dataset(
     Raises:
         DataError: nilearn missing, or ``root`` holds something else.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     target = None if shape is None else tuple(int(s) for s in shape)
     if target is not None and (len(target) != 3 or min(target) < 8):
         raise ValueError(f"shape must be None or 3 sizes >= 8, got shape={shape}")

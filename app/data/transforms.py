@@ -41,7 +41,9 @@ from app.data.video import VideoReader
 __all__ = [
     "INTENSITY_MODES",
     "CheckChannelsd",
+    "CheckFinited",
     "CheckLabelsd",
+    "LoadVolumed",
     "Preprocessing",
     "infer_transforms",
     "preprocessing_transforms",
@@ -157,6 +159,24 @@ class CheckChannelsd(MapTransform):
         return d
 
 
+class CheckFinited(MapTransform):
+    """Raises :class:`~app.data.errors.DataError` naming the file if an image holds NaN or inf.
+
+    Such values (NaN backgrounds of some processed scans, or a damaged file) would turn the
+    loss into NaN many steps later; here they stop the run at the file.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            bad = int((~torch.isfinite(torch.as_tensor(d[key]))).sum())
+            if bad:
+                raise data_error(
+                    _filename(d[key], key), f"image holds {bad} NaN/inf values; replace them (e.g. by 0) first"
+                )
+        return d
+
+
 class CheckLabelsd(MapTransform):
     """Raises :class:`~app.data.errors.DataError` naming the file if label values leave ``0..n_classes-1``.
 
@@ -182,6 +202,21 @@ class CheckLabelsd(MapTransform):
         return d
 
 
+class LoadVolumed(LoadImaged):
+    """``LoadImaged`` whose failures raise :class:`~app.data.errors.DataError` naming the file.
+
+    Header checks (:func:`app.data.load_datalist`) cannot see damage inside a compressed voxel
+    block; such a file fails here, on first load, with its path in the message.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:  # noqa: BLE001  readers raise many types; all become one DataError
+            names = [str(data[k]) for k in self.key_iterator(dict(data))]
+            raise data_error(", ".join(names), f"cannot load ({type(e).__name__}: {e})") from e
+
+
 def _filename(value: Any, key: Hashable) -> str:
     meta = getattr(value, "meta", None) or {}
     return str(meta.get("filename_or_obj", f"<{key}>"))
@@ -194,7 +229,7 @@ def preprocessing_transforms(
 
     Steps: ``LoadImaged`` (metadata kept; NIfTI via nibabel, ``.mp4``/``.avi``/``.mkv`` via
     :class:`~app.data.video.VideoReader`, chosen per file), ``EnsureChannelFirstd``, channel
-    check, ``Orientationd``, ``Spacingd`` (bilinear image, nearest label; only if ``pre.spacing``),
+    and NaN checks, ``Orientationd``, ``Spacingd`` (bilinear image, nearest label; only if ``pre.spacing``),
     intensity (``NormalizeIntensityd`` non-zero channel-wise, or ``ScaleIntensityRanged``) and
     ``CropForegroundd`` (``allow_smaller=True``) -- cropping before z-scoring, after CT windowing.
 
@@ -211,11 +246,16 @@ def preprocessing_transforms(
         raise ValueError(f"keys must be (image_key, label_key) when with_label=True, or (image_key,); got keys={keys}")
     image_key = keys[0]
     all_keys = keys[:2] if with_label else [image_key]
-    load = LoadImaged(all_keys, image_only=False)
+    load = LoadVolumed(all_keys, image_only=False)
     # Registered after construction, so MONAI still picks readers by file suffix: the video
     # reader answers only for clips, NIfTI goes to the default readers.
     load.register(VideoReader(grayscale=pre.in_channels == 1))
-    out: list = [load, EnsureChannelFirstd(all_keys), CheckChannelsd(image_key, pre.in_channels)]
+    out: list = [
+        load,
+        EnsureChannelFirstd(all_keys),
+        CheckChannelsd(image_key, pre.in_channels),
+        CheckFinited(image_key),
+    ]
     out.append(Orientationd(all_keys, axcodes=pre.orientation, labels=None))
     if pre.spacing is not None:
         modes = ("bilinear", "nearest") if with_label else ("bilinear",)

@@ -329,7 +329,7 @@ def make_synthetic_video_dataset(
         raise ValueError(f"shape must be (T, H, W) with T >= 2 and H, W >= 8, got shape={shape}")
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
-    root = Path(root)
+    root = Path(root).expanduser()
     params = {"version": _VIDEO_VERSION, "n_train": n_train, "n_val": n_val, "shape": shape_t, "seed": seed}
     if claim_dataset_root(root, "synthetic_video", params):
         return root
