@@ -26,26 +26,50 @@ TINY_DYNUNET = {"base_features": 4, "max_features": 16}
 # (config, input shape, expected output shape)
 FORWARD_CASES: list[tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = [
     (
-        {"name": "dynunet", "in_channels": 1, "out_channels": 3, "patch_size": [32, 32, 32],
-         "spacing": [1.0, 1.0, 1.0], **TINY_DYNUNET},
+        {
+            "name": "dynunet",
+            "in_channels": 1,
+            "out_channels": 3,
+            "patch_size": [32, 32, 32],
+            "spacing": [1.0, 1.0, 1.0],
+            **TINY_DYNUNET,
+        },
         (2, 1, 32, 32, 32),
         (2, 3, 32, 32, 32),
     ),
     (  # anisotropic plan, non-cubic input (any multiple of the divisor works)
-        {"name": "dynunet", "in_channels": 2, "out_channels": 2, "patch_size": [16, 32, 24],
-         "spacing": [3.0, 1.0, 1.0], **TINY_DYNUNET},
+        {
+            "name": "dynunet",
+            "in_channels": 2,
+            "out_channels": 2,
+            "patch_size": [16, 32, 24],
+            "spacing": [3.0, 1.0, 1.0],
+            **TINY_DYNUNET,
+        },
         (1, 2, 8, 48, 24),
         (1, 2, 8, 48, 24),
     ),
     (  # explicit topology, no planner
-        {"name": "dynunet", "in_channels": 1, "out_channels": 2, "kernel_size": [3, 3, [1, 3, 3]],
-         "strides": [1, 2, [1, 2, 2]], "filters": [4, 8, 8]},
+        {
+            "name": "dynunet",
+            "in_channels": 1,
+            "out_channels": 2,
+            "kernel_size": [3, 3, [1, 3, 3]],
+            "strides": [1, 2, [1, 2, 2]],
+            "filters": [4, 8, 8],
+        },
         (1, 1, 12, 20, 28),
         (1, 2, 12, 20, 28),
     ),
     (
-        {"name": "unet", "in_channels": 2, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
-         "num_res_units": 1},
+        {
+            "name": "unet",
+            "in_channels": 2,
+            "out_channels": 2,
+            "channels": [4, 8, 16],
+            "strides": [2, 2],
+            "num_res_units": 1,
+        },
         (2, 2, 12, 16, 20),
         (2, 2, 12, 16, 20),
     ),
@@ -67,7 +91,9 @@ FORWARD_CASES: list[tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = [
 ]
 
 
-@pytest.mark.parametrize("cfg, in_shape, out_shape", FORWARD_CASES, ids=lambda v: v.get("name") if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "cfg, in_shape, out_shape", FORWARD_CASES, ids=lambda v: v.get("name") if isinstance(v, dict) else None
+)
 def test_forward_shape(cfg: dict[str, Any], in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     net = build_model(cfg).eval()
@@ -165,10 +191,14 @@ def test_plan_small_and_limits() -> None:
 
 def test_check_patch_size_names_divisibility() -> None:
     plan = plan_dynunet((40, 192, 160), (3.0, 0.8, 0.8))
-    with pytest.raises(ValueError, match=r"divisible by \[8, 32, 32\].*axes \[1\].*\[40, 160, 160\] or \[40, 192, 160\]"):
+    with pytest.raises(
+        ValueError, match=r"divisible by \[8, 32, 32\].*axes \[1\].*\[40, 160, 160\] or \[40, 192, 160\]"
+    ):
         check_patch_size((40, 170, 160), plan)
     with pytest.raises(ValueError, match="divisible"):
-        resolve_model_config({"in_channels": 1, "out_channels": 2, "patch_size": [40, 170, 160], "spacing": [3.0, 0.8, 0.8]})
+        resolve_model_config(
+            {"in_channels": 1, "out_channels": 2, "patch_size": [40, 170, 160], "spacing": [3.0, 0.8, 0.8]}
+        )
 
 
 def test_plan_rejects_bad_arguments() -> None:
@@ -180,8 +210,14 @@ def test_plan_rejects_bad_arguments() -> None:
 
 # ---------------------------------------------------------------------------- checkpoint
 
-CKPT_CFG = {"name": "dynunet", "in_channels": 1, "out_channels": 2, "patch_size": [16, 16, 16],
-            "spacing": [1.0, 1.0, 1.0], **TINY_DYNUNET}
+CKPT_CFG = {
+    "name": "dynunet",
+    "in_channels": 1,
+    "out_channels": 2,
+    "patch_size": [16, 16, 16],
+    "spacing": [1.0, 1.0, 1.0],
+    **TINY_DYNUNET,
+}
 PRE = {"spacing": [1.0, 1.0, 1.0], "orientation": "RAS", "normalization": "zscore", "in_channels": 1}
 
 
@@ -215,8 +251,19 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
     net = _save_tiny(path)
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left
     raw = torch.load(path, weights_only=True)  # plain data only
-    assert {"format_version", "model_config", "model_state", "preprocessing", "class_names",
-            "optimizer", "epoch", "step", "best_metric", "rng", "config"} == set(raw)
+    assert {
+        "format_version",
+        "model_config",
+        "model_state",
+        "preprocessing",
+        "class_names",
+        "optimizer",
+        "epoch",
+        "step",
+        "best_metric",
+        "rng",
+        "config",
+    } == set(raw)
     ckpt = load_checkpoint(path)
     assert ckpt["model_config"] == resolve_model_config(CKPT_CFG)
     assert ckpt["preprocessing"] == PRE and ckpt["class_names"] == ["background", "tumour"]
@@ -233,8 +280,9 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
 def test_model_from_checkpoint_strips_wrapper_prefix(tmp_path: Path) -> None:
     net = _save_tiny(tmp_path / "a.pt")
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
-    save_checkpoint(tmp_path / "b.pt", model_state=state, model_config=CKPT_CFG, preprocessing=PRE,
-                    class_names=["bg", "fg"])
+    save_checkpoint(
+        tmp_path / "b.pt", model_state=state, model_config=CKPT_CFG, preprocessing=PRE, class_names=["bg", "fg"]
+    )
     model_from_checkpoint(load_checkpoint(tmp_path / "b.pt"))
 
 
@@ -275,7 +323,9 @@ def test_load_refuses_non_allowed_object(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None], ids=["empty", "garbage", "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"", b"junk", b"not a checkpoint at all", None], ids=["empty", "short", "garbage", "truncated"]
+)
 def test_load_corrupt_names_file(tmp_path: Path, content: bytes | None) -> None:
     path = tmp_path / "broken.pt"
     if content is None:

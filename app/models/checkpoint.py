@@ -24,7 +24,6 @@ import enum
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -199,8 +198,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 "checkpoints must contain plain data only"
             ) from exc
         raise CheckpointError(f"{path}: corrupt or not a checkpoint ({reason})") from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: corrupt or not a checkpoint ({type(exc).__name__}: {_first_line(exc)})") from exc
+    except Exception as exc:  # torch.load raises many types on damaged files (struct.error, EOFError, ...)
+        raise CheckpointError(
+            f"{path}: corrupt or not a checkpoint ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
     missing = [k for k in ("model_config", "model_state") if k not in ckpt]

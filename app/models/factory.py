@@ -66,6 +66,8 @@ class ThresholdNet(nn.Module):
         - Output: ``(N, out_channels, *S)``
     """
 
+    thresholds: torch.Tensor
+
     def __init__(
         self,
         spatial_dims: int,
@@ -112,12 +114,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _constructor_defaults(cls: type, skip: Sequence[str] = ()) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
+def _constructor_defaults(cls: type[nn.Module], skip: Sequence[str] = ()) -> dict[str, Any]:
+    params = inspect.signature(cls).parameters
     return {
         k: p.default
         for k, p in params.items()
-        if k != "self" and k not in skip and p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+        if k != "self"
+        and k not in skip
+        and p.default is not inspect.Parameter.empty
+        and p.kind is p.POSITIONAL_OR_KEYWORD
     }
 
 
@@ -178,7 +183,7 @@ def _resolve_threshold(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # name -> (constructor, resolver filling net-specific defaults)
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], Callable[[dict[str, Any]], dict[str, Any]]]] = {
+_REGISTRY: dict[str, tuple[type[nn.Module], Callable[[dict[str, Any]], dict[str, Any]]]] = {
     "dynunet": (DynUNet, _resolve_dynunet),
     "unet": (UNet, _resolve_unet),
     "basicunet": (BasicUNet, lambda cfg: cfg),

@@ -109,9 +109,7 @@ def plan_dynunet(
     size = _as_int_list(patch_size, "patch_size")
     spacing_f = [float(s) for s in spacing]
     if len(spacing_f) != len(size):
-        raise ValueError(
-            f"spacing must have one value per patch axis ({len(size)}), but got spacing={list(spacing)!r}"
-        )
+        raise ValueError(f"spacing must have one value per patch axis ({len(size)}), but got spacing={list(spacing)!r}")
     if any(not math.isfinite(s) or s <= 0 for s in spacing_f):
         raise ValueError(f"spacing must be positive and finite, but got spacing={list(spacing)!r}")
     if min_feature_size < 1:
@@ -174,7 +172,7 @@ def _divisor_from_strides(strides: Sequence[Sequence[int] | int], ndim: int) -> 
         per_axis = [int(s)] * ndim if isinstance(s, int) else [int(v) for v in s]
         if len(per_axis) != ndim:
             raise ValueError(f"strides entry {s!r} does not have {ndim} values")
-        div = [a * b for a, b in zip(div, per_axis)]
+        div = [a * b for a, b in zip(div, per_axis, strict=True)]
     return div
 
 

@@ -1,0 +1,395 @@
+"""Segment NIfTI files with a trained checkpoint and write label maps in the inputs' own space.
+
+Per file: load and pre-process as the checkpoint says (:mod:`app.infer.preprocess`),
+sliding-window prediction (:mod:`app.infer.predict`), inversion of the spatial
+pre-processing back onto the input's voxel grid, then the label map (and optionally the
+class probabilities) written with the input's affine and header (:mod:`app.infer.files`).
+A bad file gives a failed :class:`Result` with a one-line reason; the other files go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import monai
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
+from app.infer.predict import WindowSettings, predict_logits, resolve_amp, resolve_device, stitch_bytes
+from app.infer.preprocess import Preprocessing, build_inverter, build_preprocess
+from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
+
+__all__ = ["InferenceOptions", "Result", "Segmenter", "infer_files"]
+
+logger = logging.getLogger("app.infer")
+
+RESAMPLE_MODES = ("probabilities", "labels")
+# ROI used when neither the options nor the checkpoint's model_config give one.
+FALLBACK_ROI = (96, 96, 96)
+
+
+class FileError(Exception):
+    """A per-file problem; the message is one line and names no path (the caller adds it)."""
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Options of :func:`infer_files` (the CLI flags of ``python -m app.infer``).
+
+    Attributes:
+        suffix: appended to the input's base name for the label map. Default ``"_seg"``.
+        roi: sliding-window size; None = the checkpoint's ``model_config["patch_size"]``
+            (else 96 per axis).
+        overlap: window overlap fraction in [0, 1). Default 0.5.
+        sw_batch_size: windows per forward pass. Default 2.
+        tta: average over all flips of the spatial axes (8 passes in 3D). Default False.
+        amp: ``"auto"`` (bf16 on CUDA, else off), ``"bf16"``, ``"fp16"`` or ``"off"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where windows run.
+        stitch_on_cpu: always stitch the whole-volume output on the CPU.
+        stitch_threshold_bytes: stitch on the CPU when the stitched output would exceed
+            this many bytes; None = half of the free memory of the CUDA device.
+        save_probabilities: also write class probabilities (channels last, 16-bit
+            fixed point: NIfTI-1 has no float16).
+        probability_suffix: appended to the input's base name for probabilities.
+        resample: ``"probabilities"`` (default; resample class probabilities linearly
+            back to the input grid, then argmax: smoother boundaries, nnU-Net's choice)
+            or ``"labels"`` (argmax first, nearest-neighbour resampling: less memory).
+        overwrite: replace existing outputs; otherwise inputs with an existing label
+            map are skipped. Default False.
+        summary: file stem of the CSV/JSON summary in the output folder; None = none.
+        progress: show a tqdm progress bar over files.
+    """
+
+    suffix: str = "_seg"
+    roi: Sequence[int] | None = None
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    tta: bool = False
+    amp: str = "auto"
+    device: str = "auto"
+    stitch_on_cpu: bool = False
+    stitch_threshold_bytes: int | None = None
+    save_probabilities: bool = False
+    probability_suffix: str = "_prob"
+    resample: str = "probabilities"
+    overwrite: bool = False
+    summary: str | None = "summary"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), but got overlap={self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, but got sw_batch_size={self.sw_batch_size}")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {list(RESAMPLE_MODES)}, but got resample={self.resample!r}")
+        if self.save_probabilities and self.probability_suffix == self.suffix:
+            raise ValueError("probability_suffix must differ from suffix")
+
+
+@dataclass
+class Result:
+    """Outcome of one input file.
+
+    Attributes:
+        input: the input file.
+        status: ``"ok"`` (written), ``"skipped"`` (output existed, no ``overwrite``) or
+            ``"failed"``.
+        output: the label map path (None when failed before it was known).
+        probabilities: the probability map path, when written.
+        seconds: wall time spent on this file (load to write).
+        volumes_ml: class name -> volume in mL, from the label map and the input's
+            voxel size (also filled for skipped files, from the existing output).
+        message: one-line reason for ``failed``/``skipped``; empty when ok.
+    """
+
+    input: Path
+    status: Literal["ok", "skipped", "failed"]
+    output: Path | None = None
+    probabilities: Path | None = None
+    seconds: float = 0.0
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True unless the file failed."""
+        return self.status != "failed"
+
+    def to_row(self) -> dict[str, Any]:
+        """Plain dict for the CSV/JSON summary (paths as strings)."""
+        return {
+            "input": str(self.input),
+            "status": self.status,
+            "output": None if self.output is None else str(self.output),
+            "probabilities": None if self.probabilities is None else str(self.probabilities),
+            "seconds": round(self.seconds, 3),
+            "message": self.message,
+            "volumes_ml": dict(self.volumes_ml),
+        }
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost cause of an exception (MONAI wraps them), as one line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def class_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Volume in mL of each class of a label map, from the voxel size of ``affine``."""
+    counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=len(class_names))
+    ml = voxel_volume_ml(affine)
+    return {name: float(counts[i]) * ml for i, name in enumerate(class_names)}
+
+
+class Segmenter:
+    """A checkpoint ready to segment files: model on its device, transforms built.
+
+    Args:
+        checkpoint: path of a checkpoint written by :func:`app.models.save_checkpoint`.
+        options: inference options.
+
+    Raises:
+        app.models.CheckpointError: the checkpoint cannot be loaded.
+        ValueError: an option does not fit the checkpoint (ROI size, device).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike[str], options: InferenceOptions) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.options = options
+        ckpt = load_checkpoint(self.checkpoint)
+        self.model_config: dict[str, Any] = ckpt["model_config"]
+        self.class_names: list[str] = [str(c) for c in ckpt["class_names"]]
+        self.spatial_dims = int(self.model_config.get("spatial_dims", 3))
+        self.in_channels = int(self.model_config["in_channels"])
+        self.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"], in_channels=self.in_channels)
+        self.roi = self._resolve_roi(options.roi)
+        self.sw_device = resolve_device(options.device)
+        self.amp = resolve_amp(options.amp, self.sw_device)
+        self.model = model_from_checkpoint(ckpt).to(self.sw_device)
+        del ckpt
+        self.transform = build_preprocess(self.preprocessing)
+        self.invert_probabilities = build_inverter(self.transform, nearest=False)
+        self.invert_labels = build_inverter(self.transform, nearest=True)
+
+    def _resolve_roi(self, roi: Sequence[int] | None) -> tuple[int, ...]:
+        source = "--roi"
+        if roi is None:
+            roi, source = self.model_config.get("patch_size"), "the checkpoint's patch_size"
+        if roi is None:
+            roi, source = FALLBACK_ROI[: self.spatial_dims], "the default ROI"
+        size = tuple(int(r) for r in roi)
+        if len(size) != self.spatial_dims or any(r < 1 for r in size):
+            raise ValueError(f"ROI {list(size)} ({source}) must have {self.spatial_dims} positive sizes")
+        if self.model_config.get("name") == "dynunet":
+            try:
+                check_patch_size(size, self.model_config["strides"])
+            except ValueError as exc:
+                raise ValueError(f"ROI from {source} does not fit the network: {exc}") from exc
+        return size
+
+    def _settings(self, spatial_shape: Sequence[int]) -> WindowSettings:
+        stitch = self.sw_device
+        if stitch.type == "cuda":
+            need = stitch_bytes(spatial_shape, self.in_channels, len(self.class_names))
+            limit = self.options.stitch_threshold_bytes
+            if limit is None:
+                free, _ = torch.cuda.mem_get_info(stitch)
+                limit = free // 2
+            if self.options.stitch_on_cpu or need > limit:
+                logger.debug("stitching on the CPU (%d bytes needed, limit %d)", need, limit)
+                stitch = torch.device("cpu")
+        return WindowSettings(
+            roi_size=self.roi,
+            overlap=self.options.overlap,
+            sw_batch_size=self.options.sw_batch_size,
+            tta=self.options.tta,
+            amp=self.amp,
+            sw_device=self.sw_device,
+            device=stitch,
+        )
+
+    def _check_header(self, path: Path) -> nib.Nifti1Image:
+        try:
+            ref = nib.load(path)
+        except Exception as exc:  # nibabel raises many types for unreadable files
+            raise FileError(f"unreadable NIfTI ({_one_line(exc)})") from exc
+        if not isinstance(ref, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise FileError(f"not a NIfTI image ({type(ref).__name__})")
+        shape = ref.shape
+        if len(shape) not in (self.spatial_dims, self.spatial_dims + 1):
+            raise FileError(
+                f"expected a {self.spatial_dims}D image or {self.spatial_dims}D + channels, "
+                f"but got shape {tuple(shape)}"
+            )
+        channels = 1 if len(shape) == self.spatial_dims else shape[-1]
+        if channels != self.in_channels:
+            raise FileError(f"image has {channels} channel(s) but the model expects in_channels={self.in_channels}")
+        return ref
+
+    def segment(self, path: Path, out_path: Path, prob_path: Path | None) -> dict[str, float]:
+        """Segment one file and write its outputs.
+
+        Args:
+            path: input NIfTI.
+            out_path: label map to write.
+            prob_path: probability map to write, or None.
+
+        Returns:
+            Class volumes in mL.
+
+        Raises:
+            FileError: the file cannot be segmented (one-line reason).
+        """
+        ref = self._check_header(path)
+        try:
+            data = self.transform({"image": str(path)})
+        except Exception as exc:
+            raise FileError(f"cannot load/pre-process ({_one_line(exc)})") from exc
+        image = data["image"]
+        spatial = tuple(image.shape[1:])
+        if min(spatial) == 0:
+            raise FileError("pre-processing left an empty volume (no foreground to crop?)")
+        logits = predict_logits(self.model, image, self._settings(spatial))
+
+        lab = logits.argmax(dim=0, keepdim=True).float() if self.options.resample == "labels" else None
+        probs = None
+        if lab is None or prob_path is not None:
+            probs = torch.softmax(logits, dim=0)
+            del logits
+            probs = self.invert_probabilities({"image": image, "pred": MetaTensor(probs)})["pred"]
+            probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
+            # Voxels outside a foreground crop come back as all-zero: they are background.
+            probs[0] += (1.0 - probs.sum(dim=0)).clamp_(min=0.0)
+        else:
+            del logits
+        if lab is None:
+            assert probs is not None
+            labels_t = probs.argmax(dim=0)
+        else:
+            inv = self.invert_labels({"image": image, "pred": MetaTensor(lab)})["pred"]
+            labels_t = (inv.as_tensor() if hasattr(inv, "as_tensor") else inv)[0].round()
+        labels = labels_t.to("cpu", torch.int64).numpy()
+        if labels.shape != tuple(ref.shape[: self.spatial_dims]):
+            raise FileError(f"internal error: inverted label map has shape {labels.shape}, input {ref.shape}")
+
+        n_classes = len(self.class_names)
+        write_like(labels, ref, out_path, np.uint8 if n_classes <= 256 else np.uint16)
+        if prob_path is not None and probs is not None:
+            write_probabilities(probs.movedim(0, -1).to("cpu").numpy(), ref, prob_path)
+        return class_volumes(labels, ref.affine, self.class_names)
+
+    def volumes_of(self, label_path: Path) -> dict[str, float]:
+        """Class volumes (mL) of an existing label map; empty if it cannot be read."""
+        try:
+            img = cast(nib.Nifti1Image, nib.load(label_path))
+            return class_volumes(np.asanyarray(img.dataobj).astype(np.int64), img.affine, self.class_names)
+        except Exception:  # a broken old output: leave its volumes empty
+            return {}
+
+
+def infer_files(
+    ckpt_path: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    **options: Any,
+) -> list[Result]:
+    """Segment NIfTI files with a checkpoint; one label map per input in ``out_dir``.
+
+    Args:
+        ckpt_path: checkpoint written by :func:`app.models.save_checkpoint`.
+        inputs: NIfTI files, folders (their ``*.nii``/``*.nii.gz``) and glob patterns.
+        out_dir: output folder (created if missing).
+        **options: fields of :class:`InferenceOptions`.
+
+    Returns:
+        One :class:`Result` per input file (and per input argument that matched
+        nothing), in input order. A bad file is a failed result, not an exception.
+
+    Raises:
+        TypeError: unknown option.
+        ValueError: invalid option values, or options that do not fit the checkpoint.
+        app.models.CheckpointError: the checkpoint cannot be loaded.
+    """
+    known = {f.name for f in dataclasses.fields(InferenceOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"infer_files() got unknown options {unknown}; allowed: {sorted(known)}")
+    opts = InferenceOptions(**options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    segmenter = Segmenter(ckpt_path, opts)
+
+    files, problems = collect_inputs(inputs, exclude_dir=out, exclude_suffix=opts.suffix)
+    results: list[Result] = [Result(input=p, status="failed", message=reason) for p, reason in problems]
+    for p, reason in problems:
+        logger.warning("%s: %s", p, reason)
+    claimed: dict[Path, Path] = {}
+    for path in tqdm(files, desc="segmenting", unit="file", disable=not opts.progress):
+        results.append(_run_one(segmenter, path, out, opts, claimed))
+
+    if opts.summary:
+        meta = {
+            "checkpoint": str(segmenter.checkpoint),
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
+            "roi": list(segmenter.roi),
+            "device": str(segmenter.sw_device),
+            "amp": segmenter.amp,
+            "versions": {"torch": torch.__version__, "monai": monai.__version__, "nibabel": nib.__version__},
+        }
+        write_summary((r.to_row() for r in results), segmenter.class_names, out, opts.summary, meta)
+    return results
+
+
+def _run_one(
+    segmenter: Segmenter, path: Path, out_dir: Path, opts: InferenceOptions, claimed: dict[Path, Path]
+) -> Result:
+    start = time.perf_counter()
+    out_path = output_path(path, out_dir, opts.suffix)
+    prob_path = output_path(path, out_dir, opts.probability_suffix) if opts.save_probabilities else None
+    key = out_path.resolve()
+    if key in claimed:
+        msg = f"output {out_path.name} would collide with that of {claimed[key]}"
+        logger.warning("%s: %s", path, msg)
+        return Result(input=path, status="failed", output=None, message=msg)
+    claimed[key] = path
+    if key == path.resolve():
+        msg = "output would replace the input (empty suffix and output folder = input folder)"
+        logger.warning("%s: %s", path, msg)
+        return Result(input=path, status="failed", message=msg)
+    if out_path.exists() and not opts.overwrite:
+        msg = f"{out_path} exists; kept (use --overwrite to replace it)"
+        logger.info("%s: skipped, %s", path, msg)
+        return Result(
+            input=path, status="skipped", output=out_path, message=msg, volumes_ml=segmenter.volumes_of(out_path)
+        )
+    try:
+        volumes = segmenter.segment(path, out_path, prob_path)
+    except FileError as exc:
+        logger.warning("%s: %s", path, exc)
+        return Result(input=path, status="failed", message=str(exc), seconds=time.perf_counter() - start)
+    except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+        msg = _one_line(exc)
+        logger.warning("%s: %s", path, msg)
+        return Result(input=path, status="failed", message=msg, seconds=time.perf_counter() - start)
+    return Result(
+        input=path,
+        status="ok",
+        output=out_path,
+        probabilities=prob_path,
+        seconds=time.perf_counter() - start,
+        volumes_ml=volumes,
+    )
