@@ -168,7 +168,8 @@ def test_load_datalist_plain_folder_with_channel_suffix(tmp_path: Path) -> None:
 
 def test_load_datalist_nnunet_v2_labels(tmp_path: Path) -> None:
     root = _folder(tmp_path / "v2")
-    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2}, "file_ending": ".nii.gz"}
+    labels = {"background": 0, "liver": 1, "tumour": 2}
+    meta = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     dl = load_datalist(root)
     assert dl.class_names == ["background", "liver", "tumour"] and dl.modality == "CT"
@@ -253,7 +254,8 @@ def _break_no_layout(root: Path) -> Path:
 def _break_json_missing_file(root: Path) -> Path:
     items = [{"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"} for i in range(3)]
     items[2]["image"] = "./imagesTr/case_9.nii.gz"
-    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}, "training": items}))
+    meta = {"labels": {"0": "background", "1": "a", "2": "b"}, "training": items}
+    (root / "dataset.json").write_text(json.dumps(meta))
     return root / "imagesTr" / "case_9.nii.gz"
 
 
@@ -417,9 +419,7 @@ def test_train_transforms_reject_out_of_range_labels(tmp_path: Path) -> None:
 
 def _oblique_case(tmp_path: Path) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
     """Axes permuted and flipped (voxel i -> -y, j -> z, k -> -x), anisotropic 0.7 / 2.0 / 1.3 mm."""
-    affine = np.array(
-        [[0.0, 0.0, -1.3, 20.0], [-0.7, 0.0, 0.0, 8.0], [0.0, 2.0, 0.0, -12.0], [0.0, 0.0, 0.0, 1.0]]
-    )
+    affine = np.array([[0.0, 0.0, -1.3, 20.0], [-0.7, 0.0, 0.0, 8.0], [0.0, 2.0, 0.0, -12.0], [0.0, 0.0, 0.0, 1.0]])
     shape = (30, 9, 14)
     image = np.zeros(shape, np.float32) + 1.0
     label = np.zeros(shape, np.uint8)
@@ -527,3 +527,19 @@ def test_mni_dataset_from_package_data(tmp_path: Path) -> None:
     image = nib.load(dl.train[0]["image"]).get_fdata()
     assert image[label == 2].mean() > image[label == 1].mean()  # T1: white matter brighter than grey
     assert make_mni_dataset(root, shape=(40, 48, 40), n_train=2, n_val=1) == root
+
+
+def test_build_loaders_distributed_single_process(synthetic: Path, tmp_path: Path) -> None:
+    """One-rank gloo group: the samplers are the distributed ones and still cover every case."""
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dl = load_datalist(synthetic)
+        train, val = build_loaders(dl, Preprocessing(), 8, 3, batch_size=1, distributed=True, seed=3)
+        assert isinstance(train.sampler, DistributedSampler) and isinstance(val.sampler, DistributedSampler)
+        train.sampler.set_epoch(1)
+        assert len(list(train)) == len(dl.train) and len(list(val)) == len(dl.val)
+    finally:
+        dist.destroy_process_group()

@@ -125,7 +125,7 @@ def _items_from_json(entries: Any, key: str, root: Path, meta_path: Path) -> lis
         raise data_error(meta_path, f"'{key}' must be a list of {{'image', 'label'}} objects")
     items = []
     for i, entry in enumerate(entries):
-        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("image", "label"))):
             raise data_error(
                 meta_path, f"{key}[{i}] must be an object with 'image' and 'label' paths (strings), got {entry!r}"
             )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.distributed as dist
@@ -46,20 +46,20 @@ def check_channels(items: Sequence[dict[str, str]], in_channels: int) -> None:
             raise data_error(image, f"image has {n} channel(s), but Preprocessing.in_channels={in_channels}")
 
 
-def _cache_subdir(
-    cache_dir: Path, pre: Preprocessing, patch: tuple[int, int, int], n_classes: int, split: str
-) -> Path:
+def _cache_subdir(cache_dir: Path, pre: Preprocessing, patch: tuple[int, int, int], n_classes: int, split: str) -> Path:
     """A folder per preprocessing setting: PersistentDataset keys its files by item only, so a
     changed setting must not find the old tensors."""
     key = json.dumps({"pre": pre.to_dict(), "patch": patch, "n_classes": n_classes}, sort_keys=True)
     return cache_dir / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def _dataset(data: list[dict[str, str]], transform, cache: str, cache_dir: Path | None) -> Dataset:
+def _dataset(data: list[dict[str, str]], transform: Callable[..., Any], cache: str, cache_dir: Path | None) -> Dataset:
+    """A MONAI dataset for the cache mode; ``cache_dir`` is only used (and must be set) for ``"disk"``."""
     if cache == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=None, progress=False)
     if cache == "disk":
-        assert cache_dir is not None
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache folder")
         cache_dir.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data, transform, cache_dir=cache_dir)
     return Dataset(data, transform)

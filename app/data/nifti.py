@@ -19,7 +19,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from numpy.typing import DTypeLike
 
-from app.data.errors import DataError, data_error
+from app.data.errors import data_error
 
 __all__ = [
     "MAX_CHANNELS",

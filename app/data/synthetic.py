@@ -21,7 +21,7 @@ from typing import Any, Union
 import nibabel as nib
 import numpy as np
 
-from app.data.errors import DataError, data_error
+from app.data.errors import data_error
 from app.data.nifti import save_nifti
 
 __all__ = ["make_mni_dataset", "make_synthetic_dataset"]
@@ -336,8 +336,8 @@ def make_synthetic_dataset(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_mni_templates(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(t1, gm, wm, affine)`` at 2 mm from nilearn's package data (no network access)."""
+def _require_nilearn(root: Path) -> Any:
+    """``nilearn.datasets``, or a DataError with install advice."""
     try:
         from nilearn import datasets
     except ImportError as e:
@@ -346,6 +346,12 @@ def _load_mni_templates(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             "building the MNI dataset needs nilearn, which ships the MNI152 templates; "
             "install it with `pip install nilearn` (or the project's `real` extra)",
         ) from e
+    return datasets
+
+
+def _load_mni_templates(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(t1, gm, wm, affine)`` at 2 mm from nilearn's package data (no network access)."""
+    datasets = _require_nilearn(root)
     t1_img = datasets.load_mni152_template(resolution=2)
     if hasattr(datasets, "load_mni152_gm_template"):
         gm_img = datasets.load_mni152_gm_template(resolution=2)
@@ -414,10 +420,7 @@ def make_mni_dataset(
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
     params = {"version": _MNI_VERSION, "shape": target, "n_train": n_train, "n_val": n_val, "seed": seed}
-    try:
-        import nilearn  # noqa: F401  (fail before touching the folder)
-    except ImportError:
-        _load_mni_templates(root)  # raises the DataError with install advice
+    _require_nilearn(root)  # before touching the folder
     if claim_dataset_root(root, "mni", params):
         return root
     t1, gm, wm, affine = _load_mni_templates(root)

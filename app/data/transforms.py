@@ -11,7 +11,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 from monai.transforms import (
     ClassesToIndicesd,
@@ -35,7 +34,7 @@ from monai.transforms import (
 )
 from monai.utils import look_up_option
 
-from app.data.errors import data_error
+from app.data.errors import DataError, data_error
 from app.data.video import VideoReader
 
 __all__ = [
@@ -212,6 +211,8 @@ class LoadVolumed(LoadImaged):
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         try:
             return super().__call__(data, reader)
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001  readers raise many types; all become one DataError
             names = [str(data[k]) for k in self.key_iterator(dict(data))]
             raise data_error(", ".join(names), f"cannot load ({type(e).__name__}: {e})") from e

@@ -223,29 +223,36 @@ class VideoReader(ImageReader):
         names = ensure_tuple(filename)
         return len(names) > 0 and all(is_video(n) for n in names)
 
-    def read(self, data: Sequence[PathLikeStr] | PathLikeStr, **kwargs: Any) -> list[np.ndarray]:
-        """Decodes each clip with :func:`read_video_volume`."""
+    def read(self, data: Sequence[PathLikeStr] | PathLikeStr, **kwargs: Any) -> list[tuple[str, np.ndarray]]:
+        """Decodes each clip with :func:`read_video_volume`; returns ``[(path, volume), ...]``."""
         return [
-            read_video_volume(f, grayscale=self.grayscale, size=self.size, max_frames=self.max_frames)
+            (str(f), read_video_volume(f, grayscale=self.grayscale, size=self.size, max_frames=self.max_frames))
             for f in ensure_tuple(data)
         ]
 
-    def get_data(self, img: list[np.ndarray]) -> tuple[np.ndarray, dict]:
-        """Returns ``(array, meta)``; meta holds affine, original_affine, spatial_shape, channel dim."""
-        arrays = list(img)
+    def get_data(self, img: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, dict]:
+        """Returns ``(array, meta)``; meta holds affine, original_affine, spatial_shape, channel dim.
+
+        Raises:
+            DataError: several clips of different shapes (naming the first that differs).
+        """
+        paths = [p for p, _ in img]
+        arrays = [a for _, a in img]
+        for path, array in zip(paths[1:], arrays[1:]):
+            if array.shape[-3:] != arrays[0].shape[-3:]:
+                raise data_error(
+                    path, f"clip shape {array.shape[-3:]} differs from {arrays[0].shape[-3:]} of {paths[0]}"
+                )
         if len(arrays) == 1:
             array = arrays[0]
             channel_dim: float = float("nan") if self.grayscale else 0
         else:
             array = np.concatenate([a[None] if self.grayscale else a for a in arrays], axis=0)
             channel_dim = 0
-        spatial = array.shape[-3:]
-        if len({a.shape[-3:] for a in arrays}) != 1:
-            raise DataError(f"clips of different shapes cannot be stacked: {[a.shape for a in arrays]}")
         meta = {
             "affine": np.eye(4),
             "original_affine": np.eye(4),
-            "spatial_shape": np.asarray(spatial),
+            "spatial_shape": np.asarray(array.shape[-3:]),
             "space": "RAS",
             "original_channel_dim": channel_dim,
         }
