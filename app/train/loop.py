@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from app.train.grad_checkpoint import enable_grad_checkpointing
 from app.train.state import rng_state, seed_epoch, seed_everything, set_rng_state
 from app.train.tracking import Tracker
-from app.train.validation import mean_dice, validate
+from app.train.validation import class_dice, mean_dice, validate
 
 __all__ = ["TrainingError", "train", "AMP_DTYPES"]
 
@@ -134,7 +134,7 @@ class Trainer:
             )
         self.class_names = [str(c) for c in self.datalist.class_names]
         self.n_classes = len(self.class_names)
-        self.preprocessing = Preprocessing(**OmegaConf.to_container(data.preprocessing, resolve=True))
+        self.preprocessing = Preprocessing.from_dict(OmegaConf.to_container(data.preprocessing, resolve=True))
         log.info(
             "data: %s, %d training / %d validation cases, classes %s",
             root, len(self.datalist.train), len(self.datalist.val), self.class_names,
@@ -179,15 +179,10 @@ class Trainer:
     def datalist_spacing(self) -> list[float]:
         """Voxel spacing the network sees: the preprocessing target, else the data's median."""
         if self.preprocessing.spacing is not None:
-            return list(self.preprocessing.spacing)
-        spacing = getattr(self.datalist, "spacing", None)
-        if spacing is not None:
-            return [float(s) for s in spacing]
-        import nibabel as nib
-
-        first = self.datalist.train[0]["image"]
-        first = first[0] if isinstance(first, (list, tuple)) else first
-        return [float(s) for s in nib.load(str(first)).header.get_zooms()[:3]]
+            return [float(s) for s in self.preprocessing.spacing]
+        if self.datalist.median_spacing is None:  # only when load_datalist ran without validation
+            raise ValueError("model.spacing is null and the data set's spacing is unknown; set data.preprocessing.spacing")
+        return [float(s) for s in self.datalist.median_spacing]
 
     def setup_loaders(self) -> None:
         t, d = self.cfg.trainer, self.cfg.data
@@ -351,17 +346,23 @@ class Trainer:
         self.scheduler.step()
         return total
 
-    def validate(self, epoch: int) -> tuple[dict[str, float], list[np.ndarray]]:
+    def validate(self) -> tuple[dict[str, float], list[np.ndarray]]:
+        """Per-class and mean Dice over the validation volumes (of every rank, under DDP)."""
         t = self.cfg.trainer
         n_images = int(self.cfg.logger.wandb.n_images) if self.tracker and self.tracker.active else 0
         try:
-            dice, images = validate(
+            per_case, images = validate(
                 _unwrap(self.model), self.val_loader, n_classes=self.n_classes, roi_size=list(t.patch_size),
                 device=self.device, amp_dtype=self.amp_dtype, sw_batch_size=int(t.sw_batch_size),
                 overlap=float(t.sw_overlap), n_images=n_images,
             )
         except torch.OutOfMemoryError:
             raise TrainingError(out_of_memory_message(self.cfg, "validation")) from None
+        if self.dist.enabled:  # the validation volumes are sharded over the ranks
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, per_case)
+            per_case = [row for rows in gathered for row in rows]
+        dice = class_dice(per_case)
         metrics = {f"val/dice/{name}": d for name, d in zip(self.class_names[1:], dice)}
         metrics["val/mean_dice"] = mean_dice(dice)
         return metrics, images
@@ -384,7 +385,7 @@ class Trainer:
             path,
             model_state=_unwrap(self.model).state_dict(),
             model_config=self.model_config,
-            preprocessing=asdict(self.preprocessing),
+            preprocessing=self.preprocessing.to_dict(),
             class_names=self.class_names,
             extra={
                 "optimizer": self.optimizer.state_dict(),
@@ -430,27 +431,27 @@ class Trainer:
                 seed_epoch(seed, epoch, self.dist.rank, self.train_loader)
                 metrics = {"epoch": float(epoch + 1), **self.train_epoch(epoch)}
                 last = epoch == self.max_epochs - 1 or self.progress.global_step >= self.total_steps
+                images: list[np.ndarray] = []
+                improved = False
+                if (epoch + 1) % int(cfg.trainer.val_every) == 0 or last:
+                    val, images = self.validate()  # every rank: each scores its shard of the volumes
+                    metrics.update(val)
+                    score = val["val/mean_dice"]
+                    improved = not math.isnan(score) and score > self.progress.best_metric
+                    if improved:
+                        self.progress.best_metric, self.progress.best_epoch = score, epoch
+                if self.progress.best_metric > -math.inf:
+                    metrics["val/best_mean_dice"] = self.progress.best_metric
+                self.progress.epoch = epoch
+                self.progress.history.append(metrics)
                 if self.dist.is_main:
-                    if (epoch + 1) % int(cfg.trainer.val_every) == 0 or last:
-                        val, images = self.validate(epoch)
-                        metrics.update(val)
+                    if images or "val/mean_dice" in metrics:
                         metrics.update(self.fidelity())
-                        score = val["val/mean_dice"]
-                        if not math.isnan(score) and score > self.progress.best_metric:
-                            self.progress.best_metric, self.progress.best_epoch = score, epoch
-                            self.save("best.pt", epoch)
-                    else:
-                        images = []
-                    metrics["val/best_mean_dice"] = (
-                        float("nan") if self.progress.best_metric == -math.inf else self.progress.best_metric
-                    )
-                    self.progress.epoch = epoch
-                    self.progress.history.append(metrics)
+                    if improved:
+                        self.save("best.pt", epoch)
                     self.save("last.pt", epoch)
                     self.tracker.log(metrics, self.progress.global_step, images=images)
                     log.info(_summary(metrics, self.max_epochs))
-                else:
-                    self.progress.epoch = epoch
                 barrier(self.dist)
         finally:
             if self.tracker is not None:
@@ -465,7 +466,7 @@ def _summary(metrics: dict[str, float], max_epochs: int) -> str:
     if "train/peak_memory_gb" in metrics:
         parts.append(f"peak {metrics['train/peak_memory_gb']:.2f} GiB")
     if "val/mean_dice" in metrics:
-        parts.append(f"val mean Dice {metrics['val/mean_dice']:.4f} (best {metrics['val/best_mean_dice']:.4f})")
+        parts.append(f"val mean Dice {metrics['val/mean_dice']:.4f} (best {metrics.get('val/best_mean_dice', math.nan):.4f})")
     return ", ".join(parts)
 
 

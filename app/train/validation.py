@@ -12,7 +12,7 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
-__all__ = ["validate", "mean_dice", "overlay"]
+__all__ = ["validate", "class_dice", "mean_dice", "overlay"]
 
 # RGB colours of classes 1, 2, ... in the overlays (background is not drawn).
 _PALETTE = np.array(
@@ -33,8 +33,8 @@ def validate(
     sw_batch_size: int = 2,
     overlap: float = 0.25,
     n_images: int = 0,
-) -> tuple[list[float], list[np.ndarray]]:
-    """Segment whole volumes with a sliding window and score them with Dice.
+) -> tuple[list[list[float]], list[np.ndarray]]:
+    """Segment whole volumes with a sliding window and score each with per-class Dice.
 
     Args:
         model: the network (put in eval mode here, restored to its mode afterwards).
@@ -48,13 +48,15 @@ def validate(
         n_images: number of volumes (the first ones) to render as slice overlays. Default 0.
 
     Returns:
-        ``(dice, images)``: Dice per foreground class (classes 1..K-1; NaN for a class
-        absent from every reference label), and up to ``n_images`` RGB overlays
-        (``(H, 3 W, 3)`` uint8, see :func:`overlay`).
+        ``(per_case, images)``: for each volume, the Dice of classes 1..K-1 (NaN where the
+        class is absent from the reference; :func:`class_dice` averages them, also over the
+        volumes of every DDP rank), and up to ``n_images`` RGB overlays (``(H, 3 W, 3)`` uint8,
+        see :func:`overlay`).
     """
     was_training = model.training
     model.eval()
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    per_case: list[list[float]] = []
     images: list[np.ndarray] = []
     try:
         for i, batch in enumerate(loader):
@@ -66,15 +68,22 @@ def validate(
                     overlap=overlap, mode="gaussian",
                 )
             pred = logits.float().argmax(dim=1, keepdim=True)
-            metric(y_pred=one_hot(pred, n_classes), y=one_hot(label.long(), n_classes))
+            dice = metric(y_pred=one_hot(pred, n_classes), y=one_hot(label.long(), n_classes))
+            per_case.append([float(v) for v in dice[0].tolist()])
             if i < n_images:
                 images.append(overlay(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(), pred[0, 0].cpu().numpy()))
-        per_class = metric.aggregate()
-        dice = [float(v) for v in torch.as_tensor(per_class).flatten().tolist()]
     finally:
-        metric.reset()
         model.train(was_training)
-    return dice, images
+    return per_case, images
+
+
+def class_dice(per_case: Sequence[Sequence[float]]) -> list[float]:
+    """Per-class Dice over volumes: the mean of each column, NaN entries (class absent) skipped."""
+    table = np.asarray(per_case, dtype=np.float64)
+    present = ~np.isnan(table)
+    sums = np.where(present, table, 0.0).sum(axis=0)
+    counts = present.sum(axis=0)
+    return [float(s / c) if c else float("nan") for s, c in zip(sums, counts)]
 
 
 def mean_dice(dice: Sequence[float]) -> float:
