@@ -222,6 +222,9 @@ def test_bad_files_do_not_stop_the_others(
     (folder / "garbage.nii.gz").write_bytes(b"this is not a nifti file")
     save_nifti(folder / "flat.nii.gz", np.zeros((8, 8), np.float32), np.eye(4))  # 2D
     save_nifti(folder / "twochan.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))  # 2 channels
+    nan = smooth_image()
+    nan[2, 3, 4] = np.nan
+    save_nifti(folder / "nan.nii.gz", nan)
     (folder / "notes.txt").write_text("ignored: not NIfTI")
     out = tmp_path / "out"
     code = main([str(perfect_ckpt), str(folder), str(tmp_path / "missing.nii.gz"), "-o", str(out), "--no-progress"])
@@ -230,13 +233,21 @@ def test_bad_files_do_not_stop_the_others(
     assert (out / "good1_seg.nii.gz").is_file() and (out / "good2_seg.nii").is_file()
     assert not (out / "corrupt_seg.nii.gz").exists()
     failed_lines = [line for line in err.splitlines() if line.startswith("FAILED ")]
-    assert len(failed_lines) == 5
+    assert len(failed_lines) == 6
     by_name = {Path(line.split()[1].rstrip(":")).name: line for line in failed_lines}
-    assert set(by_name) == {"corrupt.nii.gz", "garbage.nii.gz", "flat.nii.gz", "twochan.nii.gz", "missing.nii.gz"}
+    assert set(by_name) == {
+        "corrupt.nii.gz",
+        "garbage.nii.gz",
+        "flat.nii.gz",
+        "twochan.nii.gz",
+        "missing.nii.gz",
+        "nan.nii.gz",
+    }
     assert "expected a 3D image" in by_name["flat.nii.gz"]
     assert "2 channel(s) but the model expects in_channels=1" in by_name["twochan.nii.gz"]
     assert "no such file" in by_name["missing.nii.gz"]
-    assert "7 file(s): 2 segmented, 0 skipped (existing output), 5 failed" in err
+    assert "NaN/inf" in by_name["nan.nii.gz"]
+    assert "8 file(s): 2 segmented, 0 skipped (existing output), 6 failed" in err
     rows = {Path(r["input"]).name: r for r in csv.DictReader((out / "summary.csv").open())}
     assert rows["corrupt.nii.gz"]["status"] == "failed" and rows["good2.nii"]["status"] == "ok"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -335,3 +346,38 @@ def test_glob_inputs_and_flip_axes(tmp_path: Path) -> None:
     files, problems = collect_inputs([str(tmp_path / "**" / "*")])
     assert sorted(p.name for p in files) == ["x.nii.gz", "y.nii"] and not problems
     assert flip_axes(3)[0] == () and len(flip_axes(3)) == 8 and (2, 3, 4) in flip_axes(3)
+
+
+# ---------------------------------------------------------------------------- same chain as training
+
+
+@pytest.mark.parametrize(
+    "pre",
+    [
+        {"spacing": [1.0, 1.0, 1.0], "intensity": "zscore", "crop_foreground": True},
+        {
+            "spacing": [2.0, 1.5, 1.0],
+            "orientation": "LPS",
+            "intensity": "ct",
+            "ct_window": [0.2, 0.9],
+            "crop_foreground": True,
+        },
+        {"spacing": None, "intensity": "none", "crop_foreground": False},
+    ],
+    ids=["zscore-crop", "ct-lps", "none"],
+)
+def test_chain_matches_training_preprocessing(tmp_path: Path, pre: dict) -> None:
+    """app.infer replays exactly what app.data does in training (until the two are unified)."""
+    data_transforms = pytest.importorskip("app.data.transforms")
+    from app.infer.preprocess import Preprocessing, build_preprocess
+
+    img = smooth_image()
+    img[:3] = 0.0  # padding for the foreground crop
+    src = save_nifti(tmp_path / "case.nii.gz", img)
+    full = {"orientation": "RAS", "in_channels": 1, **pre}
+    ours = build_preprocess(Preprocessing.from_dict(full))({"image": str(src)})["image"]
+    theirs = data_transforms.infer_transforms(data_transforms.Preprocessing.from_dict(full))({"image": str(src)})
+    theirs = theirs["image"]
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(theirs.affine), atol=1e-6)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)

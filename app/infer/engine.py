@@ -263,6 +263,9 @@ class Segmenter:
         spatial = tuple(image.shape[1:])
         if min(spatial) == 0:
             raise FileError("pre-processing left an empty volume (no foreground to crop?)")
+        bad = int((~torch.isfinite(image)).sum())
+        if bad:
+            raise FileError(f"image holds {bad} NaN/inf values after pre-processing; replace them (e.g. by 0) first")
         logits = predict_logits(self.model, image, self._settings(spatial))
 
         lab = logits.argmax(dim=0, keepdim=True).float() if self.options.resample == "labels" else None

@@ -1,29 +1,32 @@
 """Replay a checkpoint's pre-processing on a NIfTI file, and invert it on the prediction.
 
 The checkpoint's ``preprocessing`` dict (the ``data.preprocessing`` group of the training
-config) is parsed into :class:`Preprocessing`, then turned into a MONAI dictionary
-transform chain whose spatial steps are invertible, so that :func:`build_inverter` can
-bring a prediction made in the processed space back onto the input's original voxel
-grid, orientation and affine.
+config, ``app.data.Preprocessing.to_dict()``) is parsed into :class:`Preprocessing`, then
+turned into a MONAI dictionary transform chain whose spatial steps are invertible, so that
+:func:`build_inverter` can bring a prediction made in the processed space back onto the
+input's original voxel grid, orientation and affine.
 
-Chain (key ``"image"``)::
+Chain (key ``"image"``), the same steps and order as training's
+``app.data.transforms.preprocessing_transforms``::
 
-    LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd -> CropForegroundd
-               -> intensity (NormalizeIntensityd | ScaleIntensityRanged)
+    LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd
+      zscore: -> CropForegroundd -> NormalizeIntensityd(nonzero, channel-wise)
+      ct:     -> ScaleIntensityRanged(ct_window -> [0, 1], clipped) -> CropForegroundd
+      none:   -> CropForegroundd
 
-Foreground cropping comes before intensity normalisation (as in nnU-Net: statistics are
-taken on the cropped volume, and the crop criterion is defined on raw intensities).
+Foreground is "above the image minimum" (zero / air padding removed), as in training.
 
 Note:
-    ``app.data.transforms.infer_transforms`` is meant to serve the same purpose; this
-    module was written independently to avoid blocking on it and should be unified
-    with it (one definition of the pre-processing for training and inference).
+    ``app.data.transforms.infer_transforms`` serves the same purpose; this module was
+    written independently (to avoid blocking on it) and mirrors its semantics; a test in
+    ``tests/test_infer.py`` compares the two chains voxel for voxel. They should be unified
+    into one definition.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,23 +58,25 @@ _KNOWN_KEYS = ("spacing", "orientation", "intensity", "ct_window", "crop_foregro
 class Preprocessing:
     """Pre-processing settings stored in a checkpoint.
 
+    Defaults are those of ``app.data.Preprocessing`` (used when a key is missing).
+
     Attributes:
-        spacing: target voxel spacing in mm per axis (after re-orientation), or None to
-            keep the input's spacing.
+        spacing: target voxel spacing in mm per axis (after re-orientation; one number
+            means isotropic), or None to keep the input's spacing.
         orientation: target axis codes (e.g. ``"RAS"``), or None to keep the input's.
-        intensity: ``"zscore"`` (per channel, over the whole cropped volume), ``"ct"``
-            (clip to ``ct_window`` and scale it to [0, 1]) or ``"none"``.
-        ct_window: ``(low, high)`` in HU; required when ``intensity == "ct"``.
-        crop_foreground: crop to the bounding box of the foreground: voxels above
-            ``ct_window[0]`` for ``"ct"``, non-zero voxels otherwise.
+        intensity: ``"zscore"`` (per channel, mean/std of the non-zero voxels),
+            ``"ct"`` (clip to ``ct_window`` and scale it to [0, 1]) or ``"none"``.
+        ct_window: ``(low, high)`` in HU, used by ``"ct"``. Default (-175, 250).
+        crop_foreground: crop to the bounding box of the voxels above the image's
+            minimum (after CT windowing). Default True.
         in_channels: number of image channels the network expects.
     """
 
     spacing: tuple[float, ...] | None = None
     orientation: str | None = "RAS"
     intensity: str = "zscore"
-    ct_window: tuple[float, float] | None = None
-    crop_foreground: bool = False
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    crop_foreground: bool = True
     in_channels: int = 1
 
     @classmethod
@@ -91,6 +96,8 @@ class Preprocessing:
         if unknown:
             logger.debug("ignoring unknown preprocessing keys %s", unknown)
         spacing = pre.get("spacing")
+        if isinstance(spacing, (int, float)):
+            spacing = (float(spacing),) * 3
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)
             if not spacing or any(s <= 0 for s in spacing):
@@ -104,12 +111,9 @@ class Preprocessing:
         if intensity not in INTENSITY_MODES:
             raise ValueError(f"preprocessing intensity must be one of {list(INTENSITY_MODES)}, but got {intensity!r}")
         window = pre.get("ct_window")
-        if window is not None:
-            window = (float(window[0]), float(window[1]))
-            if not window[0] < window[1]:
-                raise ValueError(f"preprocessing ct_window must be [low, high] with low < high, but got {list(window)}")
-        if intensity == "ct" and window is None:
-            raise ValueError("preprocessing intensity='ct' needs ct_window=[low, high]")
+        window = cls.ct_window if window is None else (float(window[0]), float(window[1]))
+        if not window[0] < window[1]:
+            raise ValueError(f"preprocessing ct_window must be [low, high] with low < high, but got {list(window)}")
         channels = pre.get("in_channels")
         if in_channels is not None:
             if channels is not None and int(channels) != in_channels:
@@ -124,16 +128,14 @@ class Preprocessing:
             orientation=orientation,
             intensity=intensity,
             ct_window=window,
-            crop_foreground=bool(pre.get("crop_foreground", False)),
+            crop_foreground=bool(pre.get("crop_foreground", cls.crop_foreground)),
             in_channels=int(channels if channels is not None else 1),
         )
 
 
-def _foreground_fn(pre: Preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
-    if pre.intensity == "ct" and pre.ct_window is not None:
-        low = pre.ct_window[0]
-        return lambda x: x > low
-    return lambda x: x != 0
+def _above_minimum(x: torch.Tensor) -> torch.Tensor:
+    """Foreground for cropping: voxels brighter than the image's minimum (zero / air padding)."""
+    return x > x.min()
 
 
 def build_preprocess(pre: Preprocessing, key: str = "image") -> Compose:
@@ -155,15 +157,19 @@ def build_preprocess(pre: Preprocessing, key: str = "image") -> Compose:
     if pre.orientation is not None:
         steps.append(Orientationd(key, axcodes=pre.orientation, labels=_RAS_LABELS))
     if pre.spacing is not None:
-        steps.append(Spacingd(key, pixdim=pre.spacing, mode="bilinear", padding_mode="border"))
-    if pre.crop_foreground:
-        steps.append(CropForegroundd(key, source_key=key, select_fn=_foreground_fn(pre), allow_smaller=True))
+        steps.append(Spacingd(key, pixdim=pre.spacing, mode="bilinear"))
+    crop: list[MapTransform] = (
+        [CropForegroundd(key, source_key=key, select_fn=_above_minimum, allow_smaller=True)]
+        if pre.crop_foreground
+        else []
+    )
     if pre.intensity == "zscore":
-        steps.append(NormalizeIntensityd(key, channel_wise=True))
+        steps += crop + [NormalizeIntensityd(key, nonzero=True, channel_wise=True)]
     elif pre.intensity == "ct":
-        assert pre.ct_window is not None
         low, high = pre.ct_window
-        steps.append(ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        steps += [ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True), *crop]
+    else:
+        steps += crop
     return Compose(steps)
 
 
