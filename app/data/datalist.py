@@ -269,7 +269,7 @@ def load_datalist(
     Args:
         root: dataset folder (or its ``dataset.json``).
         val_fraction: share of cases held out for validation when ``dataset.json`` has no
-            ``validation`` list (at least one case when > 0 and there are 2+ cases). Default 0.2.
+            (or an empty) ``validation`` list (at least one case when > 0 and there are 2+ cases). Default 0.2.
         seed: seed of that split; the same seed gives the same split.
         validate: read every header (no voxel data) and check the pairs, so that a bad case fails
             here rather than hours into training: missing files, unreadable / truncated files,

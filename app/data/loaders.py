@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 from app.data.datalist import DataList
 from app.data.errors import data_error
 from app.data.nifti import read_volume_info
-from app.data.transforms import Preprocessing, _patch, train_transforms, val_transforms
+from app.data.transforms import Preprocessing, normalize_patch_size, train_transforms, val_transforms
 from app.data.video import is_video
 
 __all__ = ["CACHE_MODES", "build_loaders", "check_channels"]
@@ -109,7 +109,7 @@ def build_loaders(
             ``distributed=True`` without an initialised process group.
     """
     cache = look_up_option(cache, CACHE_MODES)
-    patch = _patch(patch_size)
+    patch = normalize_patch_size(patch_size)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size=}, {num_workers=}")
     if not datalist.train:

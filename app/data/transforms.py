@@ -276,7 +276,8 @@ def preprocessing_transforms(
     return out
 
 
-def _patch(patch_size: Sequence[int] | int) -> tuple[int, int, int]:
+def normalize_patch_size(patch_size: Sequence[int] | int) -> tuple[int, int, int]:
+    """``96 -> (96, 96, 96)``; checks a 3-tuple of positive sizes."""
     size = (int(patch_size),) * 3 if isinstance(patch_size, int) else tuple(int(s) for s in patch_size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"patch_size must be one size or 3 sizes >= 1, got patch_size={patch_size!r}")
@@ -312,7 +313,7 @@ def train_transforms(
         ``Compose`` yielding (lists of ``num_samples``) dicts with ``image (C, px, py, pz)`` and
         ``label (1, px, py, pz)``.
     """
-    patch = _patch(patch_size)
+    patch = normalize_patch_size(patch_size)
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2 (background included), got n_classes={n_classes}")
     if num_samples < 1:
