@@ -318,7 +318,7 @@ def _apply(
     if x.dim() != dims + 2:
         raise ValueError(f"{name} expects input of shape (B, C, {', '.join('DHW'[3 - dims:])}), but got shape {tuple(x.shape)}")
     if sketch is None:
-        sketch = "shifted" if transposed else "offset"
+        sketch = "shifted"
     _check_sketch_options(n_probes, probes, sketch, control)
     if transposed and sketch == "offset":
         raise ValueError(f"{name}: sketch='offset' is not available for transposed convolutions (their input is the "
@@ -355,7 +355,7 @@ def _make_conv(dims: int):
         *,
         n_probes: int = 16,
         probes: str = "rademacher",
-        sketch: str = "offset",
+        sketch: str = "shifted",
         control: str = "mean",
         seed: Optional[int] = None,
     ) -> torch.Tensor:
@@ -373,7 +373,8 @@ def _make_conv(dims: int):
         stride, padding, dilation, groups: as in torch (``padding`` may be ``"same"``/``"valid"``).
         n_probes: probes ``r`` of the trace estimator; ``0`` means exact backprop.
         probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (Hadamard blocks, ``r`` a power of 2).
-        sketch: ``"offset"`` (keeps ``r·C_in·K`` numbers) or ``"shifted"`` (keeps ``r·C_in``).
+        sketch: ``"shifted"`` (default: keeps ``r·C_in`` numbers) or ``"offset"`` (keeps ``r·C_in·K``);
+            same error at equal ``r``, and ``"shifted"`` is faster on the GPU (docs/benchmarks.md).
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         seed: probe seed; ``None`` draws one from ``app.nn.manual_seed``'s stream (never torch's global RNG).
 

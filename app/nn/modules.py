@@ -114,7 +114,7 @@ def _make_module(base: type, mixin: type, dims: int) -> type:
         *args, **kwargs: exactly those of ``torch.nn.{base.__name__}``.
         n_probes: probes of the trace estimator (memory ``r·C_in·K`` or ``r·C_in`` numbers); ``0`` = exact backprop.
         probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
-        sketch: ``"offset"`` or ``"shifted"``; ``None`` picks the default for the layer kind.
+        sketch: ``"shifted"`` (default, ``r·C_in`` numbers kept) or ``"offset"`` (``r·C_in·K``; regular convs only).
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         min_voxels: inputs with fewer voxels than this use exact backprop (they are cheap to keep).
 
