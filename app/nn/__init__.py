@@ -13,6 +13,19 @@ from .functional import (
     stochastic_conv_transpose2d,
     stochastic_conv_transpose3d,
 )
+from .lean import (
+    LeanBatchNorm1d,
+    LeanBatchNorm2d,
+    LeanBatchNorm3d,
+    LeanGroupNorm,
+    LeanInstanceNorm1d,
+    LeanInstanceNorm2d,
+    LeanInstanceNorm3d,
+    LeanLeakyReLU,
+    LeanReLU,
+    lean_group_norm,
+    lean_leaky_relu,
+)
 from .memory import SavedTensorCounter
 from .modules import (
     StochasticConv1d,
@@ -33,6 +46,17 @@ __all__ = [
     "manual_seed",
     "PROBE_FAMILIES",
     "SavedTensorCounter",
+    "LeanBatchNorm1d",
+    "LeanBatchNorm2d",
+    "LeanBatchNorm3d",
+    "LeanGroupNorm",
+    "LeanInstanceNorm1d",
+    "LeanInstanceNorm2d",
+    "LeanInstanceNorm3d",
+    "LeanLeakyReLU",
+    "LeanReLU",
+    "lean_group_norm",
+    "lean_leaky_relu",
     "StochasticConvMixin",
     "StochasticConv1d",
     "StochasticConv2d",

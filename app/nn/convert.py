@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch.nn as nn
 
+from .lean import LEAN_OF, STORAGE_DTYPES, LeanStorageMixin
 from .modules import STOCHASTIC_OF, StochasticConvMixin
 
 
@@ -28,6 +29,8 @@ def convert(
     probes: str = "rademacher",
     sketch: Optional[str] = None,
     control: str = "mean",
+    lean: bool = False,
+    lean_storage: str = "bfloat16",
 ) -> nn.Module:
     """Makes every ``Conv{1,2,3}d``/``ConvTranspose{1,2,3}d`` of ``module`` a stochastic-backprop layer, in place.
 
@@ -40,13 +43,25 @@ def convert(
         min_voxels: layers whose input has fewer voxels than this use exact backprop.
         include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
         exclude: patterns of names to leave alone (checked after ``include``).
-        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``.
+        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; transposed
+            convolutions always use ``sketch="shifted"``.
+        lean: also swap ReLU/LeakyReLU for 1-bit-mask versions and instance/group/batch norms for
+            versions keeping only the normalised tensor (``app.nn.lean``): the whole block gets lean.
+        lean_storage: dtype the lean norms keep their tensor in: ``"bfloat16"`` (default),
+            ``"float16"`` or ``"float32"``.
 
     Returns:
         ``module`` itself.
     """
+    if lean_storage not in STORAGE_DTYPES:
+        raise ValueError(f"lean_storage must be one of {list(STORAGE_DTYPES)}, but got lean_storage={lean_storage!r}")
     for name, layer in module.named_modules():
         if not _selected(name, include, exclude):
+            continue
+        if lean and (type(layer) in LEAN_OF or isinstance(layer, LeanStorageMixin)):
+            layer.__class__ = LEAN_OF.get(type(layer), type(layer))
+            if isinstance(layer, LeanStorageMixin):
+                layer.storage = STORAGE_DTYPES[lean_storage]
             continue
         if isinstance(layer, StochasticConvMixin):
             target = type(layer)

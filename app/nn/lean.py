@@ -1,0 +1,238 @@
+"""Memory-lean companions of the stochastic convolutions: activations and normalisations that keep
+as little as their backward pass needs.
+
+A stochastic convolution keeps no activation, but in a U-Net block the normalisation keeps its input
+and the activation keeps its input or output, so removing the convolution's copy alone saves little.
+These layers shrink what is left:
+
+- ``LeanReLU`` / ``LeanLeakyReLU`` keep a bit-packed sign mask: 1 bit per element (1/32 of fp32).
+- ``LeanInstanceNorm{1,2,3}d``, ``LeanGroupNorm``, ``LeanBatchNorm{1,2,3}d`` keep only the normalised
+  tensor ``x̂`` (optionally in bfloat16: half of fp32) and per-group inverse standard deviations;
+  the input gradient is rebuilt from ``x̂``: ``dx = σ⁻¹ (g − mean(g) − x̂ · mean(g x̂))`` with
+  ``g = γ · dy`` and the means taken over the normalisation groups.
+
+All are drop-in subclasses of their ``torch.nn`` classes (same parameters and state-dict keys) and
+behave like them in eval mode and under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Packs a boolean tensor into ``ceil(numel / 8)`` bytes (little-endian bit order)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(torch.uint8).view(-1, 8)
+    packed = bits[:, 0].clone()
+    for i in range(1, 8):
+        packed |= bits[:, i] << i
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    numel = 1
+    for s in shape:
+        numel *= s
+    return bits.view(-1)[:numel].view(torch.bool).view(shape)
+
+
+class _SignMaskActivation(torch.autograd.Function):
+    """``y = x`` where ``x > 0`` else ``slope · x``, keeping only the packed mask ``x > 0``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: float, inplace: bool) -> torch.Tensor:
+        positive = x > 0
+        ctx.slope, ctx.shape = slope, x.shape
+        ctx.save_for_backward(pack_bits(positive))
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.mul_(torch.where(positive, 1.0, slope).to(x.dtype)) if slope else x.masked_fill_(~positive, 0)
+        return torch.where(positive, x, x * slope)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        positive = unpack_bits(packed, ctx.shape)
+        if ctx.slope:
+            return grad_y * torch.where(positive, 1.0, ctx.slope).to(grad_y.dtype), None, None
+        return grad_y.masked_fill(~positive, 0), None, None
+
+
+def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    """LeakyReLU (``negative_slope=0``: ReLU) whose backward keeps one bit per element.
+
+    Args:
+        x: any shape.
+        negative_slope: slope for ``x <= 0``.
+        inplace: overwrite ``x`` (as ``torch.nn.LeakyReLU(inplace=True)``).
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.leaky_relu(x, negative_slope, inplace) if negative_slope else F.relu(x, inplace)
+    return _SignMaskActivation.apply(x, float(negative_slope), inplace)
+
+
+class _LeanNorm(torch.autograd.Function):
+    """Normalisation over groups of a ``(B, C, *S)`` tensor keeping only ``x̂`` and ``σ⁻¹``.
+
+    ``mode="group"`` normalises each sample over ``(C / G) · prod(S)`` elements per group;
+    ``mode="batch"`` normalises each channel over ``B · prod(S)`` elements. Computation is in
+    fp32 (or the input's dtype if wider); the backward pass allocates one full-size tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mode: str, groups: int, eps: float, storage: torch.dtype, stats_out: Optional[list]):
+        batch, channels = x.shape[:2]
+        compute = torch.promote_types(x.dtype, torch.float32)
+        if mode == "group":
+            view = x.to(compute).view(batch, groups, -1)
+            var, mean = torch.var_mean(view, dim=2, unbiased=False, keepdim=True)
+        else:
+            view = x.to(compute).view(batch, channels, -1)
+            var, mean = torch.var_mean(view, dim=(0, 2), unbiased=False, keepdim=True)
+            if stats_out is not None:
+                stats_out += [mean.view(-1), var.view(-1), view.shape[0] * view.shape[2]]
+        invstd = torch.rsqrt(var + eps)
+        x_hat = (view - mean).mul_(invstd).view_as(x)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = x_hat * weight.to(compute).view(shape) if weight is not None else x_hat.clone()
+        if bias is not None:
+            y.add_(bias.to(compute).view(shape))
+        ctx.mode, ctx.groups, ctx.has_weight, ctx.has_bias = mode, groups, weight is not None, bias is not None
+        ctx.save_for_backward(x_hat.to(storage), invstd, weight)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_hat, invstd, weight = ctx.saved_tensors
+        batch, channels = x_hat.shape[:2]
+        compute = torch.promote_types(grad_y.dtype, torch.float32)
+        dy = grad_y.to(compute).reshape(batch, channels, -1)
+        # The result is built in place in a fresh copy of x̂ (never in the saved tensor itself).
+        out = x_hat.to(compute, copy=True).view(batch, channels, -1)
+        sum_dy = dy.sum(2)  # (B, C)
+        sum_dy_xhat = torch.bmm(dy.view(batch * channels, 1, -1), out.view(batch * channels, -1, 1)).view(batch, channels)
+        gamma = weight.to(compute) if ctx.has_weight else dy.new_ones(channels)
+        grad_w = sum_dy_xhat.sum(0).to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.sum(0).to(grad_y.dtype if weight is None else weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dx = σ⁻¹ (γ dy − mean(γ dy) − x̂ · mean(γ dy x̂)), means over each normalisation group
+            if ctx.mode == "group":
+                per_group = channels // ctx.groups
+                count = per_group * out.shape[2]
+                mean_g = (gamma * sum_dy).view(batch, ctx.groups, per_group).sum(2) / count
+                mean_gx = (gamma * sum_dy_xhat).view(batch, ctx.groups, per_group).sum(2) / count
+                inv = invstd.view(batch, ctx.groups)
+                expand = lambda t: t.repeat_interleave(per_group, dim=1)  # (B, G) -> (B, C)
+                scale_x, shift = expand(-mean_gx * inv), expand(-mean_g * inv)
+                scale_dy = gamma * expand(inv)
+            else:
+                count = batch * out.shape[2]
+                inv = invstd.view(channels)
+                mean_g = gamma * sum_dy.sum(0) / count
+                mean_gx = gamma * sum_dy_xhat.sum(0) / count
+                scale_x, shift, scale_dy = (-mean_gx * inv).expand(batch, -1), (-mean_g * inv).expand(batch, -1), (gamma * inv).expand(batch, -1)
+            out.mul_(scale_x.unsqueeze(2)).addcmul_(dy, scale_dy.unsqueeze(2)).add_(shift.unsqueeze(2))
+            grad_x = out.view(grad_y.shape).to(grad_y.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def lean_group_norm(
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5, storage: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Group normalisation (instance norm: ``num_groups = C``) keeping ``x̂`` in ``storage`` dtype.
+
+    Args:
+        x: ``(B, C, *S)``; ``C`` divisible by ``num_groups``.
+        weight, bias: optional per-channel affine ``(C,)``.
+    """
+    return _LeanNorm.apply(x, weight, bias, "group", num_groups, eps, storage, None)
+
+
+class LeanStorageMixin:
+    """``storage``: dtype in which lean layers keep their one tensor."""
+
+    storage: torch.dtype = torch.bfloat16
+
+    def _lean_active(self, x: torch.Tensor) -> bool:
+        return self.training and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+
+class LeanInstanceNormNd(LeanStorageMixin):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats or not self._lean_active(input) or input.dim() != self._get_no_batch_dim() + 1:
+            return super().forward(input)
+        return lean_group_norm(input, input.shape[1], self.weight, self.bias, self.eps, self.storage)
+
+
+class LeanGroupNorm(LeanStorageMixin, nn.GroupNorm):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._lean_active(input):
+            return super().forward(input)
+        return lean_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.storage)
+
+
+class LeanBatchNormNd(LeanStorageMixin):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self._lean_active(input) and self.track_running_stats and self.momentum is not None):
+            return super().forward(input)
+        stats: list = []
+        out = _LeanNorm.apply(input, self.weight, self.bias, "batch", 0, self.eps, self.storage, stats)
+        mean, var, count = stats
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * count / max(count - 1, 1)).to(self.running_var.dtype), self.momentum)
+        return out
+
+
+class LeanLeakyReLU(nn.LeakyReLU):
+    """``torch.nn.LeakyReLU`` keeping a 1-bit mask for backward."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return lean_leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class LeanReLU(nn.ReLU):
+    """``torch.nn.ReLU`` keeping a 1-bit mask for backward."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return lean_leaky_relu(input, 0.0, self.inplace)
+
+
+def _subclass(base: type, mixin: type) -> type:
+    return type(f"Lean{base.__name__}", (mixin, base), {"__module__": __name__, "__doc__": f"``torch.nn.{base.__name__}`` keeping only x̂ (in ``storage`` dtype) for backward."})
+
+
+LeanInstanceNorm1d = _subclass(nn.InstanceNorm1d, LeanInstanceNormNd)
+LeanInstanceNorm2d = _subclass(nn.InstanceNorm2d, LeanInstanceNormNd)
+LeanInstanceNorm3d = _subclass(nn.InstanceNorm3d, LeanInstanceNormNd)
+LeanBatchNorm1d = _subclass(nn.BatchNorm1d, LeanBatchNormNd)
+LeanBatchNorm2d = _subclass(nn.BatchNorm2d, LeanBatchNormNd)
+LeanBatchNorm3d = _subclass(nn.BatchNorm3d, LeanBatchNormNd)
+
+LEAN_OF: dict[type, type] = {
+    nn.ReLU: LeanReLU,
+    nn.LeakyReLU: LeanLeakyReLU,
+    nn.InstanceNorm1d: LeanInstanceNorm1d,
+    nn.InstanceNorm2d: LeanInstanceNorm2d,
+    nn.InstanceNorm3d: LeanInstanceNorm3d,
+    nn.GroupNorm: LeanGroupNorm,
+    nn.BatchNorm1d: LeanBatchNorm1d,
+    nn.BatchNorm2d: LeanBatchNorm2d,
+    nn.BatchNorm3d: LeanBatchNorm3d,
+}
