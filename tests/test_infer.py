@@ -381,3 +381,43 @@ def test_chain_matches_training_preprocessing(tmp_path: Path, pre: dict) -> None
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(theirs.affine), atol=1e-6)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- CUDA (run with -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stitching_placements_agree_with_cpu(
+    tmp_path: Path, perfect_ckpt: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPU windows with GPU stitching, forced CPU stitching, and the out-of-memory fallback give the CPU's labels."""
+    import app.infer.engine as engine
+
+    src = save_nifti(tmp_path / "case.nii.gz", smooth_image())
+    runs = {
+        "cpu": {"device": "cpu"},
+        "gpu": {"device": "cuda", "stitch_threshold_bytes": 1 << 40},
+        "gpu-stitch-cpu": {"device": "cuda", "stitch_on_cpu": True},
+        "gpu-tiny-threshold": {"device": "cuda", "stitch_threshold_bytes": 1},
+    }
+    labels = {}
+    for name, opts in runs.items():
+        [res] = infer_files(perfect_ckpt, [src], tmp_path / name, roi=[8, 8, 8], tta=True, **opts)
+        assert res.status == "ok", res.message
+        labels[name] = np.asarray(nib.load(res.output).dataobj)
+
+    real = engine.predict_logits
+
+    def oom_on_gpu_stitch(model: torch.nn.Module, image: torch.Tensor, settings: engine.WindowSettings) -> torch.Tensor:
+        if settings.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, image, settings)
+
+    monkeypatch.setattr(engine, "predict_logits", oom_on_gpu_stitch)
+    [res] = infer_files(perfect_ckpt, [src], tmp_path / "oom", device="cuda", stitch_threshold_bytes=1 << 40)
+    assert res.status == "ok", res.message
+    assert "retrying with the output on the CPU" in caplog.text
+    labels["oom"] = np.asarray(nib.load(res.output).dataobj)
+    for name, lab in labels.items():
+        np.testing.assert_array_equal(lab, labels["cpu"], err_msg=name)

@@ -347,3 +347,23 @@ def test_load_missing_and_incomplete(tmp_path: Path) -> None:
     torch.save({"format_version": 99, "model_state": {}, "model_config": {}}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="newer"):
         load_checkpoint(os.fspath(tmp_path / "future.pt"))
+
+
+def test_checkpoint_of_stochastic_model_loads_into_plain_model(tmp_path: Path) -> None:
+    """Training converts convolutions with app.nn.convert; inference rebuilds the plain MONAI net."""
+    nn_mod = pytest.importorskip("app.nn")
+    if not hasattr(nn_mod, "convert"):
+        pytest.skip("app.nn.convert not available")
+    torch.manual_seed(0)
+    net = nn_mod.convert(build_model(CKPT_CFG), n_probes=4)
+    save_checkpoint(
+        tmp_path / "s.pt",
+        model_state=net.state_dict(),
+        model_config=CKPT_CFG,
+        preprocessing=PRE,
+        class_names=["a", "b"],
+    )
+    plain = model_from_checkpoint(load_checkpoint(tmp_path / "s.pt"))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), net.eval()(x))

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
@@ -222,6 +223,37 @@ class Segmenter:
             device=stitch,
         )
 
+    def _predict(self, image: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """Logits ``(K, *S')``; on CUDA out-of-memory while stitching on the GPU, retry stitching on the CPU."""
+        settings = self._settings(spatial)
+        try:
+            return predict_logits(self.model, image, settings)
+        except torch.cuda.OutOfMemoryError:
+            if settings.device.type == "cpu":
+                raise
+        # Retried outside the except block, so the failed attempt's tensors are freed first.
+        logger.warning(
+            "out of GPU memory stitching %s voxels on %s; retrying with the output on the CPU",
+            list(spatial),
+            settings.device,
+        )
+        torch.cuda.empty_cache()
+        return predict_logits(self.model, image, dataclasses.replace(settings, device=torch.device("cpu")))
+
+    def _invert(self, inverter: Invertd, image: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Map ``pred (K, *S')`` back to the input grid ``(K, *S)``; on CUDA out-of-memory, redo it on the CPU."""
+        try:
+            out = inverter({"image": image, "pred": MetaTensor(pred)})["pred"]
+            return out.as_tensor() if isinstance(out, MetaTensor) else out
+        except torch.cuda.OutOfMemoryError:
+            if pred.device.type == "cpu":
+                raise
+        logger.warning("out of GPU memory resampling the prediction back; retrying on the CPU")
+        pred = pred.cpu()
+        torch.cuda.empty_cache()
+        out = inverter({"image": image, "pred": MetaTensor(pred)})["pred"]
+        return out.as_tensor() if isinstance(out, MetaTensor) else out
+
     def _check_header(self, path: Path) -> nib.Nifti1Image:
         try:
             ref = nib.load(path)
@@ -266,15 +298,14 @@ class Segmenter:
         bad = int((~torch.isfinite(image)).sum())
         if bad:
             raise FileError(f"image holds {bad} NaN/inf values after pre-processing; replace them (e.g. by 0) first")
-        logits = predict_logits(self.model, image, self._settings(spatial))
+        logits = self._predict(image, spatial)
 
         lab = logits.argmax(dim=0, keepdim=True).float() if self.options.resample == "labels" else None
         probs = None
         if lab is None or prob_path is not None:
             probs = torch.softmax(logits, dim=0)
             del logits
-            probs = self.invert_probabilities({"image": image, "pred": MetaTensor(probs)})["pred"]
-            probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
+            probs = self._invert(self.invert_probabilities, image, probs)
             # Voxels outside a foreground crop come back as all-zero: they are background.
             probs[0] += (1.0 - probs.sum(dim=0)).clamp_(min=0.0)
         else:
@@ -283,8 +314,7 @@ class Segmenter:
             assert probs is not None
             labels_t = probs.argmax(dim=0)
         else:
-            inv = self.invert_labels({"image": image, "pred": MetaTensor(lab)})["pred"]
-            labels_t = (inv.as_tensor() if hasattr(inv, "as_tensor") else inv)[0].round()
+            labels_t = self._invert(self.invert_labels, image, lab)[0].round()
         labels = labels_t.to("cpu", torch.int64).numpy()
         if labels.shape != tuple(ref.shape[: self.spatial_dims]):
             raise FileError(f"internal error: inverted label map has shape {labels.shape}, input {ref.shape}")
