@@ -137,7 +137,7 @@ class Result:
             "probabilities": None if self.probabilities is None else str(self.probabilities),
             "seconds": round(self.seconds, 3),
             "message": self.message,
-            "volumes_ml": dict(self.volumes_ml),
+            "volumes_ml": {k: round(v, 6) for k, v in self.volumes_ml.items()},
         }
 
 
