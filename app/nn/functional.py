@@ -116,9 +116,36 @@ def _transposed_overhang(geom: ConvGeometry, in_spatial: Sequence[int], out_spat
     )
 
 
-def _ones_like_volume(x: torch.Tensor) -> torch.Tensor:
-    """``(1, 1, *S)`` ones on ``x``'s grid: the indicator of the inside of the volume."""
-    return x.new_ones((1, 1, *x.shape[2:]))
+def _box_sums(t: torch.Tensor, geom: ConvGeometry, in_spatial: Sequence[int]) -> torch.Tensor:
+    """``out[b, c, k] = Σ_x t[b, c, x] · 1[0 <= s·x + d·k − p < S_in]`` for a regular convolution:
+    for each kernel offset, the sum of ``t`` (on the output grid) over the positions whose input
+    voxel lies inside the volume. Separable: one pass over ``t`` and sums of the few edge rows.
+
+    Args:
+        t: ``(B, C, *S_out)``.
+
+    Returns:
+        ``(B, C, *K)`` in fp32.
+    """
+    for i, (size_in, k_size) in enumerate(zip(in_spatial, geom.kernel)):
+        dim, stride, pad, dil = 2 + i, geom.stride[i], geom.padding[i], geom.dilation[i]
+        size = t.shape[dim]
+        total = t.sum(dim, keepdim=True, dtype=torch.float32)
+        parts = []
+        for k in range(k_size):
+            lo = max(0, -((dil * k - pad) // stride))  # ceil((p − d·k) / s)
+            hi = min(size, (size_in - 1 + pad - dil * k) // stride + 1)
+            if hi <= lo:
+                parts.append(torch.zeros_like(total))
+                continue
+            part = total
+            if lo > 0:
+                part = part - t.narrow(dim, 0, lo).sum(dim, keepdim=True, dtype=torch.float32)
+            if hi < size:
+                part = part - t.narrow(dim, hi, size - hi).sum(dim, keepdim=True, dtype=torch.float32)
+            parts.append(part)
+        t = torch.cat(parts, dim)
+    return t
 
 
 def _bmm_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,7 +169,7 @@ class _StochasticConv(torch.autograd.Function):
             if not sketch_x:
                 ctx.save_for_backward(weight, None, None, None)
                 return y
-            mu = x.float().mean(dim=tuple(range(2, x.dim()))) if control == "mean" else None  # (B, C_in)
+            mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
             sketch_p = _sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:]))
             seed_t = torch.tensor(seed, dtype=torch.int64)
             # Keep the seed as a tensor: under non-reentrant checkpointing, the recomputed forward's
@@ -186,20 +213,19 @@ def _sketch_input(
     kernel = geom.kernel
     if sketch == "offset":
         out = x.new_zeros((n_probes, c_in, *kernel), dtype=torch.float32)
-        ones = _ones_like_volume(x) if mu is not None else None
         for (start, stop), z in iter_blocks(probes, seed, n_probes, batch, out_spatial, budget, x.device, x.dtype):
             width = stop - start
             part = _weight_grad(x, z, (width, c_in, *kernel), geom).float()
             if mu is not None:  # subtract Σ_n Z[n, j] μ_k[n, c] (μ is zero in the padding)
-                hits = _weight_grad(ones, z.reshape(1, batch * width, *out_spatial), (batch * width, 1, *kernel), geom)
-                part -= torch.einsum("bjk,bc->jck", hits.float().view(batch, width, -1), mu).view_as(part)
+                hits = _box_sums(z, geom, x.shape[2:])
+                part -= torch.einsum("bjk,bc->jck", hits.view(batch, width, -1), mu).view_as(part)
             out[start:stop] = part
         return out
     out = x.new_zeros((n_probes, c_in), dtype=torch.float32)
     for (start, stop), z in iter_blocks(probes, seed, n_probes, batch, x.shape[2:], budget, x.device, x.dtype):
         part = _bmm_sum(z, x)
         if mu is not None:
-            part -= z.float().flatten(2).sum(2).t() @ mu
+            part -= z.flatten(2).sum(2, dtype=torch.float32).t() @ mu
         out[start:stop] = part
     return out
 
@@ -246,9 +272,8 @@ def _estimate_weight_grad(grad_y: torch.Tensor, sketch_p: torch.Tensor, mu: Opti
             grad_w += torch.einsum("gojk,jgc->gock", q.view(groups, cog, stop - start, k_numel), p[start:stop])
     grad_w /= r
     if mu is not None:
-        ones = grad_y.new_ones((1, 1, *in_spatial))
-        t = _weight_grad(ones, grad_y.reshape(1, batch * c_out, *grad_y.shape[2:]), (batch * c_out, 1, *kernel), geom)
-        grad_w += torch.einsum("bgc,bgok->gock", mu.view(batch, groups, cig), t.float().view(batch, groups, cog, k_numel))
+        t = _box_sums(grad_y, geom, in_spatial)
+        grad_w += torch.einsum("bgc,bgok->gock", mu.view(batch, groups, cig), t.view(batch, groups, cog, k_numel))
     return grad_w.reshape(c_out, cig, *kernel)
 
 
