@@ -5,6 +5,14 @@ Functional ops live in :mod:`app.nn.functional`; modules, :func:`convert` and :f
 
 from . import functional
 from .convert import convert, exact, stochastic_layers
+from .fidelity import (
+    FidelityReport,
+    ProbeAllocator,
+    allocate_probes,
+    compare_estimators,
+    fidelity_figures,
+    gradient_fidelity,
+)
 from .functional import (
     stochastic_conv1d,
     stochastic_conv2d,
@@ -43,6 +51,12 @@ __all__ = [
     "convert",
     "exact",
     "stochastic_layers",
+    "gradient_fidelity",
+    "compare_estimators",
+    "allocate_probes",
+    "ProbeAllocator",
+    "FidelityReport",
+    "fidelity_figures",
     "manual_seed",
     "PROBE_FAMILIES",
     "SavedTensorCounter",

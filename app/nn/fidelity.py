@@ -638,7 +638,9 @@ class ProbeAllocator:
             raise ValueError(f"every must be an int >= 0 (0: allocate once), but got every={every!r}")
         unknown = set(kwargs) - {"candidates", "n_draws", "min_voxels", "ratio"}
         if unknown:
-            raise ValueError(f"ProbeAllocator: unknown options {sorted(unknown)}; allowed: candidates, n_draws, min_voxels, ratio")
+            raise ValueError(
+                f"ProbeAllocator: unknown options {sorted(unknown)}; allowed: candidates, n_draws, min_voxels, ratio"
+            )
         self.model, self.loss_fn, self.every, self.options = model, loss_fn, every, kwargs
         self.allocation: Optional[dict[str, int]] = None
         self.last_step: Optional[int] = None
