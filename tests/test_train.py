@@ -24,10 +24,10 @@ from app.train.grad_checkpoint import enable_grad_checkpointing, stages
 from app.train.loop import Trainer
 from app.train.validation import mean_dice, overlay
 
-# A run of a few seconds: 32^3 volumes, a 4..16-channel DynUNet, 2 epochs x 2 steps.
+# A run of a few seconds: 24^3 volumes, 16^3 patches, a 4..16-channel DynUNet, 2 epochs x 2 steps.
 TINY_DYNUNET = ["model.base_features=4", "model.max_features=16"]
 TINY = [
-    "trainer.patch_size=[32,32,32]",
+    "trainer.patch_size=[16,16,16]",
     "trainer.max_epochs=2",
     "trainer.steps_per_epoch=2",
     "trainer.batch_size=1",
@@ -40,7 +40,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=3, n_val=1, shape=(32, 32, 32))
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=3, n_val=1, shape=(24, 24, 24))
 
 
 def tiny_cfg(out: Path, data_root: Path | None, *overrides: str) -> DictConfig:
@@ -48,7 +48,7 @@ def tiny_cfg(out: Path, data_root: Path | None, *overrides: str) -> DictConfig:
     if not any(o.startswith("model=") and o != "model=dynunet" for o in overrides):
         overrides = (*TINY_DYNUNET, *overrides)
     data = [] if data_root is None else [f"data.generate.root={data_root}", "data.generate.n_train=3",
-                                         "data.generate.n_val=1", "data.generate.shape=[32,32,32]"]
+                                         "data.generate.n_val=1", "data.generate.shape=[24,24,24]"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -88,7 +88,7 @@ def test_train_end_to_end_writes_loadable_checkpoints(tmp_path, synthetic_root):
 @pytest.mark.parametrize(
     "variant",
     [
-        ["trainer.grad_checkpointing=true", "trainer.amp=bf16", "trainer.grad_accum=2"],
+        ["trainer.grad_checkpointing=true", "trainer.amp=bf16", "trainer.grad_accum=2", "trainer.max_epochs=1"],
         ["model=unet", "model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1",
          "optim=sgd", "sketch=exact", "trainer.max_epochs=1"],
     ],
@@ -264,7 +264,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, synthetic_root, mon
         train(tiny_cfg(tmp_path / "run", synthetic_root))
     message = str(info.value)
     assert "\n" not in message
-    for part in ("trainer.patch_size (now [32, 32, 32])", "trainer.batch_size (now 1", "sketch.n_probes (now 4)",
+    for part in ("trainer.patch_size (now [16, 16, 16])", "trainer.batch_size (now 1", "sketch.n_probes (now 4)",
                  "trainer.amp=bf16", "trainer.grad_checkpointing=true"):
         assert part in message, part
 

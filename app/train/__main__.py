@@ -6,6 +6,7 @@ status 1 (no traceback); ``HYDRA_FULL_ERROR=1`` does not change that for them.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -30,7 +31,14 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """Console-script entry point (reads ``sys.argv``)."""
+    """Console-script entry point (reads ``sys.argv``).
+
+    Under ``torchrun`` every process composes the same config; only rank 0 writes Hydra's
+    ``.hydra/`` folder (the others would race it, or make their own run folder when their clock
+    reads another second: give ``hydra.run.dir=...`` so that all ranks log to one folder).
+    """
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv.append("hydra.output_subdir=null")
     _hydra_main()
 
 

@@ -30,9 +30,17 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), numpy, ``random`` (via MONAI's ``set_determinism``) and app.nn."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed torch (all devices), numpy, ``random`` (via MONAI's ``set_determinism``) and app.nn.
+
+    Args:
+        seed: the seed.
+        deterministic: keep cuDNN on deterministic kernels (MONAI's choice); False lets cuDNN
+            pick the fastest kernels (``benchmark``), as nnU-Net does. Default False.
+    """
     set_determinism(seed=seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
     app.nn.manual_seed(seed)
 
 

@@ -60,8 +60,8 @@ def validate(
     images: list[np.ndarray] = []
     try:
         for i, batch in enumerate(loader):
-            image = batch["image"].to(device)
-            label = batch["label"].to(device)
+            image = batch["image"].as_subclass(torch.Tensor).to(device)  # plain tensors: no MetaTensor overhead
+            label = batch["label"].as_subclass(torch.Tensor).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = sliding_window_inference(
                     image, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=model,
