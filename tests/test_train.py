@@ -68,6 +68,8 @@ def test_train_end_to_end_writes_loadable_checkpoints(tmp_path, synthetic_root):
     assert 0.0 <= metrics["val/mean_dice"] <= 1.0
     assert metrics["val/mean_dice"] == pytest.approx(np.mean([metrics[k] for k in dice_keys]))
     assert metrics["val/best_mean_dice"] >= metrics["val/mean_dice"]
+    # gradient fidelity of the last epoch: sketched vs exact gradient, and the SGD-noise reference
+    assert -1.0 <= metrics["fidelity/cos_network"] <= 1.0 and metrics["fidelity/sgd_rel_network"] > 0
 
     run = tmp_path / "run"
     resolved = OmegaConf.load(run / "config_resolved.yaml")
@@ -90,14 +92,21 @@ def test_train_end_to_end_writes_loadable_checkpoints(tmp_path, synthetic_root):
     [
         ["trainer.grad_checkpointing=true", "trainer.amp=bf16", "trainer.grad_accum=2", "trainer.max_epochs=1"],
         ["model=unet", "model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1",
-         "optim=sgd", "sketch=exact", "trainer.max_epochs=1"],
+         "optim=sgd", "sketch=exact", "sketch.n_probes=0", "trainer.max_epochs=1"],
+        ["sketch.n_probes=auto", "sketch.auto_candidates=[2,4]", "sketch.auto_draws=1", "sketch.auto_min_voxels=0",
+         "trainer.max_epochs=1"],
     ],
-    ids=["ckpt-bf16-accum", "unet-sgd-exact"],
+    ids=["ckpt-bf16-accum", "unet-sgd-exact", "auto-probes"],
 )
-def test_train_variants(tmp_path, synthetic_root, variant):
-    metrics = train(tiny_cfg(tmp_path / "run", synthetic_root, *variant))
+def test_train_variants(tmp_path, synthetic_root, variant, caplog):
+    with caplog.at_level("INFO", logger="app.train.loop"):
+        metrics = train(tiny_cfg(tmp_path / "run", synthetic_root, *variant))
     assert math.isfinite(metrics["train/epoch_loss"]) and "val/mean_dice" in metrics
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    if "sketch=exact" in variant:
+        assert not any(k.startswith("fidelity/") for k in metrics)
+    if "sketch.n_probes=auto" in variant:
+        assert "probes per layer" in caplog.text  # the allocator ran (at step 1)
 
 
 def _stop_after_first_epoch(monkeypatch):
@@ -202,7 +211,8 @@ def test_wandb_offline_run_holds_the_logged_keys(tmp_path, synthetic_root, monke
         elif kind == "run":
             config |= {item.key for item in record.run.config.update}
     for key in ("train/loss", "train/lr", "train/epoch_loss", "train/step_time_s", "val/mean_dice",
-                "val/best_mean_dice", "val/dice/ellipsoid_1", "val/dice/box_2", "val/overlay/_type"):
+                "val/best_mean_dice", "val/dice/ellipsoid_1", "val/dice/box_2", "val/overlay/_type",
+                "fidelity/cos_network", "fidelity/rel_network"):
         assert key in history and key in summary, key
     assert {"data", "model", "sketch", "optim", "trainer", "logger"} <= config
     assert "exit" in {r.WhichOneof("record_type") for r in records}  # finished cleanly (wandb.finish ran)

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import app.nn
+from app.nn.fidelity import split_sketch_config
 from app.data import Preprocessing, build_loaders, load_datalist
 from app.models import build_model, load_checkpoint, resolve_model_config, save_checkpoint
 from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -118,6 +119,8 @@ class Trainer:
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.progress = _Progress()
         self.tracker: Tracker | None = None
+        self._last_batch: dict[str, torch.Tensor] | None = None
+        self._previous_batch: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -161,15 +164,21 @@ class Trainer:
             )
         if model_cfg.get("spacing") is None:
             model_cfg["spacing"] = [float(s) for s in self.datalist_spacing()]
+        if str(cfg.trainer.patch_size).strip().lower() == "auto":  # largest patch within trainer.memory_budget_gib
+            from app.plan.training import resolve_auto_patch_size  # (app.plan measures it; lazy: rarely used)
+
+            model_cfg["patch_size"] = resolve_auto_patch_size(cfg, model_cfg, self.device, self.dist, self.datalist)
         self.model_config = resolve_model_config(model_cfg)
         with open_dict(cfg):  # the resolved config saved with the run holds what was derived
             cfg.model.out_channels = self.model_config["out_channels"]
             cfg.model.spacing = self.model_config["spacing"]
         model = build_model(self.model_config)
-        self.stochastic = int(cfg.sketch.n_probes) > 0
+        # n_probes=auto: start at the largest candidate, then app.nn.ProbeAllocator picks per layer
+        convert_kwargs, allocator_kwargs = split_sketch_config(OmegaConf.to_container(cfg.sketch, resolve=True))
+        self.stochastic = int(convert_kwargs["n_probes"]) > 0
         if self.stochastic:
-            app.nn.convert(model, **OmegaConf.to_container(cfg.sketch, resolve=True))
-            log.info("sketch: %d stochastic convolutions, %s", sum(1 for _ in app.nn.stochastic_layers(model)), dict(cfg.sketch))
+            app.nn.convert(model, **convert_kwargs)
+            log.info("sketch: %d stochastic convolutions, %s", sum(1 for _ in app.nn.stochastic_layers(model)), convert_kwargs)
         else:
             log.info("sketch: exact backpropagation (sketch.n_probes=0)")
         if cfg.trainer.grad_checkpointing:
@@ -183,6 +192,9 @@ class Trainer:
             )
         self.model = model
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.allocator = None
+        if allocator_kwargs is not None and self.stochastic:
+            self.allocator = app.nn.ProbeAllocator(_unwrap(model), self._batch_loss, **allocator_kwargs)
 
     def datalist_spacing(self) -> list[float]:
         """Voxel spacing the network sees: the preprocessing target, else the data's median."""
@@ -275,6 +287,22 @@ class Trainer:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch + 100_003 * restart)
 
+    def _batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``loss_fn(model, (image, label))`` as app.nn's fidelity tools call it (device tensors)."""
+        image, label = batch
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = model(image)
+        return self._loss(logits, label)
+
+    def _reallocate_probes(self, batch: dict[str, torch.Tensor]) -> None:
+        """``sketch.n_probes=auto``: let the allocator pick each layer's probes when it is due."""
+        allocation = self.allocator.maybe_reallocate(self.progress.global_step, _to_device(batch, self.device))
+        if allocation is not None:
+            counts: dict[int, int] = {}
+            for r in allocation.values():
+                counts[r] = counts.get(r, 0) + 1
+            log.info("step %d: probes per layer (n_probes: layers) %s", self.progress.global_step, dict(sorted(counts.items())))
+
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, *S), weights 1, 1/2, ...
@@ -304,8 +332,10 @@ class Trainer:
                 t1 = time.perf_counter()
                 data_time += t1 - t0
                 try:
+                    if self.allocator is not None:
+                        self._reallocate_probes(micro[0])
                     loss = self._optimizer_step(micro)
-                    self._last_batch = micro[-1]
+                    self._previous_batch, self._last_batch = self._last_batch, micro[-1]
                 except torch.OutOfMemoryError:
                     raise TrainingError(out_of_memory_message(self.cfg, "the training step")) from None
                 if self.device.type == "cuda":
@@ -375,15 +405,16 @@ class Trainer:
         return metrics, images
 
     def fidelity(self) -> dict[str, float]:
-        """``app.nn.gradient_fidelity`` on one training batch, when app.nn provides it."""
-        fn = getattr(app.nn, "gradient_fidelity", None)
-        if fn is None or not self.stochastic:
+        """``app.nn.gradient_fidelity`` of the current state on the last training batch, against the
+        SGD noise of the one before (``fidelity/...`` figures: cosine and relative error per layer
+        and for the network)."""
+        if not self.stochastic or self._previous_batch is None:
             return {}
-        image, label = _to_device(self._last_batch, self.device)
-        model = _unwrap(self.model)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            result = fn(model, lambda m: self._loss(m(image), label))
-        return {f"fidelity/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        report = app.nn.gradient_fidelity(
+            _unwrap(self.model), self._batch_loss, _to_device(self._last_batch, self.device),
+            reference_batch=_to_device(self._previous_batch, self.device), n_draws=int(self.cfg.logger.fidelity_draws),
+        )
+        return app.nn.fidelity_figures(report)
 
     def save(self, name: str, epoch: int) -> Path:
         path = self.ckpt_dir / name
@@ -452,7 +483,8 @@ class Trainer:
                 self.progress.epoch = epoch
                 self.progress.history.append(metrics)
                 if self.dist.is_main:
-                    if images or "val/mean_dice" in metrics:
+                    every = int(cfg.logger.fidelity_every)
+                    if every > 0 and ((epoch + 1) % every == 0 or last):
                         metrics.update(self.fidelity())
                     if improved:
                         self.save("best.pt", epoch)
