@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "layer": ("app.bench.layer", "one 3D convolution: exact vs stochastic (memory, time, dW error)"),
+    "memory": ("app.bench.memory", "whole U-Nets: peak memory/time per variant (exact, amp, ckpt, stochastic, lean)"),
     "fidelity": ("app.bench.fidelity", "per-layer dW error of the estimators vs SGD noise on a model state (table + PNG)"),
 }
 

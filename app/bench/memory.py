@@ -1,0 +1,249 @@
+"""``python -m app.bench memory``: peak memory and step time of whole U-Nets, per memory lever.
+
+For each network, volume edge and variant (exact, bf16 autocast, gradient checkpointing,
+stochastic convolutions, lean layers and their combinations; :mod:`app.plan.variants`) it runs
+real training steps (:func:`app.plan.measure_step`: forward, DiceCE, backward, AdamW) and reports
+the peak device memory, its ratio to exact backprop, the step time and its ratio, and the bytes
+saved for backward (device independent). Rows that do not fit say ``OOM``; once a variant is out
+of memory, its larger sizes are not tried. ``--max-cube`` adds the largest cube that trains within
+``--cap-gib`` per variant (the planner's search, :func:`app.plan.plan`).
+
+Outputs: the markdown table (with the environment line) on stdout and in ``DIR/memory.md``, a plot
+of peak memory against the volume edge (one line per variant, log y) in ``DIR/memory.png``, raw
+numbers in ``DIR/memory.json``. Measurements also go into the planner's calibration cache, so
+``python -m app.plan`` reuses them.
+
+On the CPU there is no peak to measure: use tiny sizes (``--sizes 32 48``); the table and the plot
+show saved bytes and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.plan.cache import CalibrationCache, cache_key, default_cache_path
+from app.plan.measure import GIB, OOM, OK, StepStats, device_name, is_out_of_memory, measure_step, model_config_for_patch
+from app.plan.planner import PlanResult, plan
+from app.plan.variants import COMPONENTS, parse_variant
+
+from .common import MIB, environment, markdown_table
+
+__all__ = ["BENCH_MODELS", "DEFAULT_SIZES", "DEFAULT_VARIANTS", "main", "run", "write_plot"]
+
+# The two networks compared: MONAI's UNet in the 32-320-channel style of nnU-Net, and the
+# project's default network (app.models defaults: a DynUNet planned for each patch size).
+BENCH_MODELS: dict[str, dict[str, Any]] = {
+    "unet": {"name": "unet", "in_channels": 1, "out_channels": 3, "channels": [32, 64, 128, 256, 320],
+             "strides": [2, 2, 2, 2], "num_res_units": 2},
+    "dynunet": {"name": "dynunet", "in_channels": 1, "out_channels": 3, "spacing": [1.0, 1.0, 1.0]},
+}
+DEFAULT_SIZES = [96, 128, 192, 256, 384]
+DEFAULT_VARIANTS = [
+    "exact", "amp", "ckpt", "amp+ckpt", "stochastic", "stochastic+amp", "stochastic+ckpt",
+    "stochastic+lean", "stochastic+lean+amp", "stochastic+lean+ckpt",
+]
+MAX_CUBE_VARIANTS = ["exact", "ckpt", "stochastic+lean", "stochastic+lean+amp"]
+
+
+def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, device: torch.device,
+             cache: CalibrationCache) -> StepStats:
+    cfg = BENCH_MODELS[model]
+    patch = (edge, edge, edge)
+    try:
+        stats = measure_step(cfg, patch_size=patch, batch_size=args.batch_size, variant=variant, n_probes=args.n_probes,
+                             device=device, warmup=args.warmup, repeat=args.repeat, memory_cap_gib=args.cap_gib)
+    except RuntimeError as exc:  # not OOM (measure_step reports that): e.g. a kernel refusing the size
+        if is_out_of_memory(exc):
+            raise
+        return StepStats(variant, patch, args.batch_size, status="error", device=device_name(device),
+                         reason=" ".join(str(exc).split())[:120])
+    key, fields = cache_key(
+        model_config=model_config_for_patch(cfg, patch), device=stats.device, variant=stats.variant, patch_size=patch,
+        batch_size=args.batch_size, n_probes=args.n_probes,
+    )
+    cache.store(key, fields, stats, None if args.cap_gib is None else args.cap_gib * GIB)
+    return stats
+
+
+def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """All (model, edge, variant) rows, as plain dicts (``StepStats.to_dict`` plus ``model``)."""
+    cache = CalibrationCache(None if args.no_cache else (args.cache or default_cache_path()))
+    rows = []
+    for model in args.models:
+        out_of_memory: set[str] = set()
+        for edge in sorted(args.sizes):
+            for variant in args.variants:
+                if variant in out_of_memory:
+                    stats = StepStats(variant, (edge,) * 3, args.batch_size, status=OOM, reason="a smaller size was OOM")
+                else:
+                    stats = _measure(model, edge, variant, args, device, cache)
+                if stats.status == OOM:
+                    out_of_memory.add(variant)
+                rows.append({"model": model, "edge": edge, **stats.to_dict()})
+    return rows
+
+
+def _num(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    return math.nan if a is None or b is None or not b else a / b
+
+
+def table(rows: list[dict[str, Any]], cuda: bool) -> str:
+    """The markdown table of :func:`run`'s rows (peak columns only when measured on CUDA)."""
+    exact = {(r["model"], r["edge"]): r for r in rows if r["variant"] == "exact" and r["status"] == OK}
+    header = ["model", "edge", "variant"]
+    header += ["peak GiB", "peak / exact"] if cuda else []
+    header += ["step ms", "time / exact", "saved MiB", "saved B/voxel"]
+    out = []
+    for r in rows:
+        ref = exact.get((r["model"], r["edge"]), {})
+        if r["status"] != OK:
+            label = "OOM" if r["status"] == OOM else r["status"]
+            out.append([r["model"], r["edge"], r["variant"], label] + [math.nan] * (len(header) - 4))
+            continue
+        line = [r["model"], r["edge"], r["variant"]]
+        if cuda:
+            line += [_num(r["peak_bytes"]) / GIB, _ratio(r["peak_bytes"], ref.get("peak_bytes"))]
+        line += [_num(r["step_seconds"]) * 1e3, _ratio(r["step_seconds"], ref.get("step_seconds")),
+                 _num(r["saved_bytes"]) / MIB, _num(r["saved_bytes_per_voxel"])]
+        out.append(line)
+    return markdown_table(header, out)
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path, cuda: bool, cap_gib: float | None = None) -> None:
+    """Peak memory (CPU: saved bytes) against the volume edge, one line per variant, log y, one
+    panel per model; written with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    key, unit, label = ("peak_bytes", GIB, "peak memory (GiB)") if cuda else ("saved_bytes", MIB, "saved for backward (MiB, CPU)")
+    for ax, model in zip(axes[0], models):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["model"] == model):
+            pts = [(r["edge"], r[key] / unit) for r in rows
+                   if r["model"] == model and r["variant"] == variant and r["status"] == OK and r[key]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=variant)
+        if cuda and cap_gib is not None:
+            ax.axhline(cap_gib, color="grey", linestyle="--", linewidth=1, label=f"cap {cap_gib:g} GiB")
+        ax.set_yscale("log")
+        ax.set_xlabel("volume edge (voxels, cube)")
+        ax.set_ylabel(label)
+        ax.set_title(model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(environment(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def max_cubes(args: argparse.Namespace, device: torch.device) -> list[tuple[str, PlanResult]]:
+    """The largest cube per (model, variant) within ``--cap-gib`` (the planner's search)."""
+    out = []
+    for model in args.models:
+        for variant in args.max_cube_variants:
+            out.append((model, plan(
+                BENCH_MODELS[model], args.cap_gib, (1.0, 1.0, 1.0), variant, args.batch_size, device,
+                n_probes=args.n_probes, cache=False if args.no_cache else (args.cache or True), max_edge=args.max_edge,
+                warmup=args.warmup, repeat=args.repeat, reference_edge=min(args.sizes),
+            )))
+    return out
+
+
+def max_cube_table(found: list[tuple[str, PlanResult]]) -> str:
+    rows = []
+    for model, r in found:
+        s = r.stats
+        if r.patch_size is None:
+            rows.append([model, r.variant, "none" if s is None or s.status != "unavailable" else "unavailable",
+                         math.nan, math.nan, ""])
+        else:
+            rows.append([model, r.variant, r.patch_size[0], s.peak_bytes / GIB, s.step_seconds * 1e3,
+                         s.extra.get("source", "")])
+    est = " (estimated)" if found and found[0][1].estimated else ""
+    return markdown_table(["model", "variant", "largest cube", f"peak GiB{est}", "step ms", "source"], rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.bench memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
+    p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="cube edges. Default 96 128 192 256 384")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--n-probes", type=int, default=16)
+    p.add_argument("--cap-gib", type=float, default=None,
+                   help="limit the CUDA allocator to this many GiB (rows above it: OOM); the --max-cube budget")
+    p.add_argument("--max-cube", action="store_true", help="also find the largest cube within --cap-gib per variant")
+    p.add_argument("--max-cube-variants", nargs="+", default=None,
+                   help=f"variants for --max-cube. Default: {' '.join(MAX_CUBE_VARIANTS)}")
+    p.add_argument("--max-edge", type=int, default=512, help="largest cube tried by --max-cube. Default 512")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default=None, help="Default: cuda when available, else cpu")
+    p.add_argument("--out", default="bench_memory", help="output folder (memory.md, memory.png, memory.json)")
+    p.add_argument("--cache", default=None, help=f"calibration cache to read/extend. Default {default_cache_path()}")
+    p.add_argument("--no-cache", action="store_true", help="do not use the calibration cache")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.variants = list(dict.fromkeys(parse_variant(v).name for v in args.variants))
+        args.max_cube_variants = [parse_variant(v).name for v in (args.max_cube_variants or MAX_CUBE_VARIANTS)]
+    except ValueError as err:
+        parser.error(str(err))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    if args.max_cube and args.cap_gib is None and device.type == "cuda":
+        parser.error("--max-cube needs --cap-gib (the memory budget of the search)")
+    cuda = device.type == "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = run(args, device)
+    cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
+    lines = [
+        "## Training-step memory per variant (app.bench memory)", "", environment(), "",
+        f"batch {args.batch_size}, n_probes {args.n_probes}, {args.warmup} warm-up + {args.repeat} timed steps "
+        f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
+        "saved = bytes saved for backward by the forward pass and loss (parameters excluded)",
+    ]
+    if not cuda:
+        lines.append("CPU: no peak memory to measure; saved bytes and step time only.")
+    lines += ["", table(rows, cuda)]
+    found = []
+    if args.max_cube:
+        found = max_cubes(args, device)
+        budget = found[0][1].budget_bytes / GIB if found else math.nan
+        lines += ["", f"### Largest cube that trains within {budget:.3g} GiB", ""]
+        if found and found[0][1].estimated:
+            lines.append("CPU: peaks ESTIMATED from saved bytes x calibration factor (app.plan.planner), not measured.\n")
+        lines.append(max_cube_table(found))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "memory.md").write_text(text)
+    write_plot(rows, out / "memory.png", cuda, args.cap_gib)
+    raw = {"environment": environment(), "device": device_name(device), "args": vars(args), "rows": rows,
+           "max_cube": [{"model": m, "variant": r.variant, "patch_size": r.patch_size,
+                         "stats": None if r.stats is None else r.stats.to_dict()} for m, r in found]}
+    (out / "memory.json").write_text(json.dumps(raw, indent=1, default=str))
+    print(f"wrote {os.fspath(out / 'memory.md')}, {os.fspath(out / 'memory.png')}, {os.fspath(out / 'memory.json')}")
+    return 0

@@ -1,0 +1,339 @@
+"""Measure one full training step of a network: peak device memory, time, bytes saved for backward.
+
+:func:`measure_step` builds the network from a model config (:func:`app.models.build_model`),
+applies a :mod:`variant <app.plan.variants>` (stochastic/lean layers, gradient checkpointing,
+bf16 autocast) and runs what training runs: forward, DiceCE loss, backward, AdamW step.
+
+Two memory numbers, as ``shared/METHOD.md`` section 3 asks:
+
+* ``saved_bytes``: bytes of the tensors saved for backward during one forward pass and loss
+  (:class:`app.nn.SavedTensorCounter`, storages counted once, parameters ignored). Device
+  independent: it is the same on the CPU and the GPU. With ``ckpt`` it counts what the outer
+  graph keeps (stage inputs); the activations recomputed in the backward pass are not in it.
+* ``peak_bytes``: ``torch.cuda.max_memory_allocated`` over the timed training steps (after
+  ``warmup`` steps), above what was allocated before the network was built: parameters,
+  gradients, optimizer state, inputs and every activation and transient. NaN on the CPU.
+
+Out-of-memory (also under a ``memory_cap_gib`` set with
+``torch.cuda.set_per_process_memory_fraction``) is a result, ``status="oom"``; the memory is
+freed (``gc.collect``, ``torch.cuda.empty_cache``) before the function returns.
+
+This module imports only torch, MONAI and ``app.nn``/``app.models``; ``app.train`` (for
+``ckpt``) is imported when that variant is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import app.nn
+from app.bench.common import peak_since, reset_peak, synchronize
+from app.models import build_model, resolve_model_config
+from app.plan.variants import Variant, lean_available, parse_variant
+
+__all__ = [
+    "GIB",
+    "StepStats",
+    "device_name",
+    "free_memory",
+    "is_out_of_memory",
+    "measure_step",
+    "memory_cap",
+    "model_config_for_patch",
+]
+
+GIB = 2.0**30
+# statuses of a StepStats
+OK, OOM, UNAVAILABLE, ERROR = "ok", "oom", "unavailable", "error"
+
+
+@dataclass
+class StepStats:
+    """One measured (or estimated) training step.
+
+    Attributes:
+        variant: canonical variant name (``"stochastic+amp"``).
+        patch_size: spatial input size.
+        batch_size: patches per step.
+        status: ``"ok"``; ``"oom"`` (did not fit); ``"unavailable"`` (the variant cannot be built
+            here, e.g. ``lean`` before ``app.nn.convert`` has it); ``"error"`` (another failure,
+            e.g. a kernel refusing a tensor that large).
+        peak_bytes: peak device memory of a training step (NaN on the CPU or when not ``ok``).
+        step_seconds: median wall time of a training step (NaN when not ``ok``).
+        saved_bytes: bytes saved for backward by the forward pass and loss (parameters ignored).
+        saved_bytes_per_voxel: ``saved_bytes / (batch_size * prod(patch_size))``.
+        parameter_bytes: bytes of the network's parameters.
+        device: where it was measured (:func:`device_name`).
+        estimated: ``peak_bytes`` is an estimate (CPU planner), not a measurement.
+        reason: why it is not ``ok`` (one line), or how it was estimated.
+    """
+
+    variant: str
+    patch_size: tuple[int, ...]
+    batch_size: int
+    status: str = OK
+    peak_bytes: float = math.nan
+    step_seconds: float = math.nan
+    saved_bytes: float = math.nan
+    saved_bytes_per_voxel: float = math.nan
+    parameter_bytes: float = math.nan
+    device: str = ""
+    estimated: bool = False
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        """The step ran (or is estimated to run) to completion."""
+        return self.status == OK
+
+    @property
+    def voxels(self) -> int:
+        return self.batch_size * math.prod(self.patch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready; NaN becomes None)."""
+        out = asdict(self)
+        out["patch_size"] = list(self.patch_size)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepStats:
+        kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for k in ("peak_bytes", "step_seconds", "saved_bytes", "saved_bytes_per_voxel", "parameter_bytes"):
+            if kwargs.get(k) is None:
+                kwargs[k] = math.nan
+        kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        return cls(**kwargs)
+
+
+def device_name(device: torch.device | str) -> str:
+    """``"NVIDIA H200"``-style name of a CUDA device, ``"cpu (x86_64)"`` for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/CPU allocator failures (also cuDNN/cuBLAS workspace allocations)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text.lower() or "ALLOC_FAILED" in text or "can't allocate memory" in text
+    )
+
+
+def free_memory(device: torch.device | str) -> None:
+    """Collect garbage and give cached CUDA blocks back, so the next measurement starts clean."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        synchronize(torch.device(device))
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def memory_cap(cap_gib: float | None, device: torch.device | str) -> Iterator[None]:
+    """Limit the CUDA caching allocator to ``cap_gib`` GiB on ``device`` inside the block.
+
+    Uses ``torch.cuda.set_per_process_memory_fraction`` (the fraction of the device's total
+    memory) and restores the previous fraction afterwards. No-op for ``None`` or a CPU device.
+
+    Raises:
+        ValueError: ``cap_gib`` is not positive or exceeds the device's memory.
+    """
+    device = torch.device(device)
+    if cap_gib is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < cap_gib * GIB <= total:
+        raise ValueError(f"memory cap must be in (0, {total / GIB:.1f}] GiB on {device_name(device)}, but got {cap_gib}")
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = getter(device) if getter is not None else 1.0
+    free_memory(device)
+    torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
+def model_config_for_patch(model_cfg: Mapping[str, Any], patch_size: Sequence[int]) -> dict[str, Any]:
+    """The resolved model config for training on ``patch_size`` (a DynUNet without explicit
+    strides is re-planned for it, as training would do)."""
+    cfg = dict(model_cfg)
+    cfg["patch_size"] = [int(p) for p in patch_size]
+    return resolve_model_config(cfg)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _build(cfg: dict[str, Any], v: Variant, n_probes: int, sketch_options: Mapping[str, Any], seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    if v.stochastic or v.lean:
+        kwargs = dict(sketch_options)
+        if v.lean:
+            kwargs["lean"] = True
+        app.nn.convert(model, n_probes if v.stochastic else 0, **kwargs)
+    if v.ckpt:
+        from app.train.grad_checkpoint import enable_grad_checkpointing  # lazy: app.train needs hydra
+
+        enable_grad_checkpointing(model)
+    return model
+
+
+def _run(
+    cfg: dict[str, Any], v: Variant, patch: tuple[int, ...], batch_size: int, n_probes: int,
+    sketch_options: Mapping[str, Any], device: torch.device, warmup: int, repeat: int, seed: int,
+) -> StepStats:
+    from monai.losses import DiceCELoss
+
+    base = reset_peak(device)  # what was allocated before the network (normally 0)
+    model = _build(cfg, v, n_probes, sketch_options, seed).to(device).train()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch_size, int(cfg["in_channels"]), *patch)
+    x = torch.randn(shape, generator=gen).to(device)
+    y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
+
+    def forward_loss() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.amp):
+            logits = model(x)
+        logits = logits.float()  # as the trainer: the loss in fp32, outside autocast
+        if logits.ndim == y.ndim + 1:  # DynUNet deep supervision: (B, heads, C, *S); the first head
+            logits = logits[:, 0]
+        return loss_fn(logits, y)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        optimizer.step()
+
+    with app.nn.SavedTensorCounter(ignore=params) as saved:
+        loss = forward_loss()
+    del loss
+    times: list[float] = []
+    peak = math.nan
+    if repeat > 0:
+        for _ in range(warmup):
+            step()
+        reset_peak(device)
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if repeat > 0:
+        peak = peak_since(device, base)
+    voxels = batch_size * math.prod(patch)
+    return StepStats(
+        variant=v.name, patch_size=patch, batch_size=batch_size, status=OK, peak_bytes=peak,
+        step_seconds=statistics.median(times) if times else math.nan, saved_bytes=float(saved.bytes),
+        saved_bytes_per_voxel=saved.bytes / voxels,
+        parameter_bytes=float(sum(p.numel() * p.element_size() for p in params)), device=device_name(device),
+    )
+
+
+def measure_step(
+    model_cfg: Mapping[str, Any],
+    *,
+    patch_size: Sequence[int],
+    batch_size: int = 1,
+    variant: str | Variant = "exact",
+    n_probes: int = 16,
+    device: torch.device | str = "cuda",
+    warmup: int = 1,
+    repeat: int = 3,
+    memory_cap_gib: float | None = None,
+    sketch_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> StepStats:
+    """Measure one training step (forward, DiceCE loss, backward, AdamW step) of a network.
+
+    Args:
+        model_cfg: a model config for :func:`app.models.build_model` (``patch_size`` is replaced
+            by ``patch_size``; a DynUNet without explicit strides is planned for it and needs
+            ``spacing``).
+        patch_size: spatial input size, e.g. ``(128, 128, 128)``.
+        batch_size: patches per step. Default 1.
+        variant: e.g. ``"exact"``, ``"stochastic+lean+amp"`` (see :mod:`app.plan.variants`).
+        n_probes: probes per stochastic layer (``stochastic`` variants). Default 16.
+        device: where to run. Default ``"cuda"``.
+        warmup: untimed steps before the measured ones (they allocate the optimizer state and
+            let the allocator settle). Default 1.
+        repeat: timed steps; ``step_seconds`` is their median and ``peak_bytes`` their peak.
+            Default 3. ``0``: count the saved bytes only (one forward pass; no step, no time, no
+            peak), which is all the CPU planner needs.
+        memory_cap_gib: limit the CUDA allocator to this many GiB while measuring
+            (:func:`memory_cap`); a step that does not fit reports ``status="oom"``.
+        sketch_options: other ``app.nn.convert`` options (``probes``, ``sketch``, ``control``,
+            ``min_voxels``, ``include``, ``exclude``).
+        seed: seeds the weights and the random input/label (the global RNG is left untouched).
+
+    Returns:
+        The :class:`StepStats`; out-of-memory gives ``status="oom"`` and an unavailable variant
+        ``status="unavailable"`` instead of raising.
+
+    Raises:
+        ValueError: an unknown variant (naming it and listing the valid ones) or a patch size
+            the network cannot take.
+        RuntimeError: failures other than out-of-memory.
+
+    Examples:
+        >>> cfg = {"name": "unet", "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2]}
+        >>> s = measure_step(cfg, patch_size=(16, 16, 16), variant="stochastic", device="cpu", repeat=1)
+        >>> s.saved_bytes > 0
+        True
+    """
+    v = parse_variant(variant)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    patch = tuple(int(p) for p in patch_size)
+    if warmup < 0 or repeat < 0:
+        raise ValueError(f"warmup and repeat must be >= 0, but got warmup={warmup}, repeat={repeat}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, but got batch_size={batch_size}")
+    cfg = model_config_for_patch(model_cfg, patch)
+    common = dict(variant=v.name, patch_size=patch, batch_size=batch_size, device=device_name(dev))
+    if v.lean and not lean_available():
+        return StepStats(**common, status=UNAVAILABLE, reason="app.nn.convert has no lean option yet")
+    failure = None
+    with memory_cap(memory_cap_gib, dev):
+        free_memory(dev)
+        try:
+            stats = _run(cfg, v, patch, batch_size, n_probes, dict(sketch_options or {}), dev, warmup, repeat, seed)
+        except TypeError as exc:
+            if v.lean and "lean" in str(exc):  # convert() refused the option after all
+                failure = (UNAVAILABLE, f"app.nn.convert refused lean=True ({_first_line(exc)})")
+            else:
+                raise
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            failure = (OOM, _first_line(exc))
+        # the traceback (and the tensors its frames hold) is gone here: memory can be freed
+        free_memory(dev)
+    if failure is not None:
+        return StepStats(**common, status=failure[0], reason=failure[1])
+    return stats

@@ -1,0 +1,88 @@
+"""``python -m app.bench memory`` on the CPU with tiny sizes: table, markdown file, PNG plot, OOM rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from app.bench import memory
+from app.bench.__main__ import COMMANDS
+from app.bench.__main__ import main as bench_main
+from app.plan import StepStats
+
+TINY = {"name": "dynunet", "in_channels": 1, "out_channels": 2, "spacing": [1.0, 1.0, 1.0],
+        "base_features": 4, "max_features": 16, "max_depth": 3}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setitem(memory.BENCH_MODELS, "tiny", TINY)
+
+
+def test_registered():
+    assert COMMANDS["memory"][0] == "app.bench.memory"
+
+
+def test_cpu_run_writes_table_markdown_and_png(tmp_path, capsys, tiny_model):
+    out = tmp_path / "bench"
+    rc = bench_main(["memory", "--models", "tiny", "--sizes", "16", "24", "--variants", "exact", "stochastic",
+                     "--warmup", "0", "--repeat", "1", "--out", str(out), "--cache", str(tmp_path / "c.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    md = (out / "memory.md").read_text()
+    assert "| model | edge | variant | step ms | time / exact | saved MiB | saved B/voxel |" in md
+    assert "peak GiB" not in md and "CPU: no peak memory" in md  # CPU: bytes and time only
+    assert "torch " in md  # the environment line
+    assert md.strip() in printed
+    rows = [line for line in md.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 4
+    exact_row = next(r for r in rows if "| 24 | exact |" in r)
+    assert exact_row.split("|")[5].strip() == "1"  # time / exact of exact itself
+    png = (out / "memory.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+    raw = json.loads((out / "memory.json").read_text())
+    stoch = next(r for r in raw["rows"] if r["edge"] == 24 and r["variant"] == "stochastic")
+    exact = next(r for r in raw["rows"] if r["edge"] == 24 and r["variant"] == "exact")
+    assert 0 < stoch["saved_bytes"] < exact["saved_bytes"]
+    assert stoch["step_seconds"] > 0 and stoch["peak_bytes"] is None
+
+
+def test_oom_rows_and_larger_sizes_skipped(tmp_path, tiny_model, monkeypatch):
+    calls = []
+
+    def fake(cfg, *, patch_size, variant, **kwargs):
+        calls.append((patch_size[0], variant))
+        status = "oom" if variant == "exact" and patch_size[0] >= 24 else "ok"
+        voxels = math.prod(patch_size)
+        return StepStats(variant, tuple(patch_size), 1, status=status, peak_bytes=100.0 * voxels,
+                         step_seconds=0.01, saved_bytes=50.0 * voxels, saved_bytes_per_voxel=50.0, device="fake")
+
+    monkeypatch.setattr(memory, "measure_step", fake)
+    monkeypatch.setattr(memory.torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "bench"
+    assert memory.main(["--models", "tiny", "--sizes", "16", "24", "32", "--variants", "exact", "amp",
+                        "--out", str(out), "--no-cache"]) == 0
+    md = (out / "memory.md").read_text()
+    assert "| tiny | 24 | exact | OOM |" in md and "| tiny | 32 | exact | OOM |" in md
+    assert (32, "exact") not in calls  # once out of memory, larger sizes are not run
+    assert (32, "amp") in calls
+    assert "| tiny | 24 | amp | 10 | - |" in md  # no exact row to compare with: ratio "-"
+
+
+def test_rejects_unknown_variant(capsys, tiny_model):
+    with pytest.raises(SystemExit):
+        memory.main(["--models", "tiny", "--variants", "exact", "magic"])
+    assert "'magic'" in capsys.readouterr().err
+
+
+def test_max_cube_on_cpu_is_an_estimate(tmp_path, tiny_model, capsys):
+    out = tmp_path / "bench"
+    assert memory.main(["--models", "tiny", "--sizes", "16", "--variants", "exact", "--repeat", "0", "--max-cube",
+                        "--max-cube-variants", "exact", "stochastic", "--cap-gib", "0.1", "--max-edge", "96",
+                        "--out", str(out), "--cache", str(tmp_path / "c.json")]) == 0
+    md = (out / "memory.md").read_text()
+    assert "Largest cube that trains within 0.1 GiB" in md and "ESTIMATED" in md
+    assert "| tiny | exact |" in md and "| tiny | stochastic |" in md
