@@ -3,6 +3,7 @@ cache, the CLI, ``trainer.patch_size=auto`` and a regression bound on the defaul
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -180,7 +181,7 @@ def test_search_finds_the_last_true_of_a_monotone_predicate(n):
     for threshold in range(-1, n):
         asked: list[int] = []
 
-        def fits(i):
+        def fits(i, asked=asked, threshold=threshold):
             assert i not in asked, "an index was asked twice"
             asked.append(i)
             return i <= threshold
@@ -202,7 +203,7 @@ def test_candidates_are_multiples_of_the_divisor_and_grow():
     div = required_divisor(DEFAULT_DYNUNET, (1.0, 1.0, 3.0), max_edge=256)
     cands = candidate_patches(div, (1.0, 1.0, 3.0), max_edge=256)
     assert all(c[d] % div[d] == 0 and c[d] >= div[d] for c in cands for d in range(3))
-    assert all(all(a <= b for a, b in zip(p, q)) and p != q for p, q in zip(cands, cands[1:]))
+    assert all(all(a <= b for a, b in zip(p, q)) and p != q for p, q in itertools.pairwise(cands))
     assert cands[-1][0] == 256 and cands[-1][2] < cands[-1][0] // 2
     # capped at the data's shape (rounded up to the divisor)
     capped = candidate_patches([16, 16, 16], (1.0, 1.0, 1.0), max_edge=256, max_shape=(100, 300, 300))
@@ -378,3 +379,43 @@ def test_default_dynunet_saved_bytes_per_voxel_regression():
         f"{variant}: the default DynUNet now saves {s.saved_bytes_per_voxel:.1f} B/voxel for backward at 32^3, "
         f"above the recorded {bound / 1.05:.1f} (+5%); see docs/benchmarks.md"
     )
+
+
+# ---------------------------------------------------------------- on a GPU (pytest -m gpu)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_peak_covers_parameters_optimizer_state_and_saved_tensors():
+    s = measure_step(TINY, patch_size=(64, 64, 64), variant="exact", device="cuda", repeat=1)
+    assert s.fits and s.step_seconds > 0
+    # at the end of the forward pass: weights, AdamW's two moments and everything saved for backward;
+    # at the optimizer step: weights, gradients and moments
+    assert s.peak_bytes >= max(3 * s.parameter_bytes + s.saved_bytes, 4 * s.parameter_bytes)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_out_of_memory_under_a_cap_is_a_result_and_frees_everything():
+    before = torch.cuda.memory_allocated()
+    s = measure_step(DEFAULT_DYNUNET, patch_size=(256, 256, 256), variant="exact", device="cuda",
+                     memory_cap_gib=2.0, repeat=1)
+    assert s.status == "oom" and "memory" in s.reason.lower()
+    assert torch.cuda.memory_allocated() == before
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        assert fraction() == pytest.approx(1.0)  # the cap was lifted
+    assert measure_step(TINY, patch_size=(32, 32, 32), device="cuda", memory_cap_gib=2.0, repeat=1).fits
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_planner_measures_the_largest_patch_under_the_budget(tmp_path):
+    budget = 1.0
+    r = plan(TINY, budget, (1.0, 1.0, 1.0), "exact", device="cuda", cache=tmp_path / "c.json", max_edge=256, repeat=1)
+    assert not r.estimated and r.patch_size is not None
+    assert r.stats.peak_bytes <= budget * 2**30 and r.stats.extra["source"] == "measured"
+    larger = [t for t in r.trials if math.prod(t.patch_size) > math.prod(r.patch_size)]
+    assert all(not t.fits for t in larger)  # every larger candidate asked failed

@@ -23,13 +23,24 @@ import argparse
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
-from app.plan.measure import GIB, OOM, OK, StepStats, device_name, is_out_of_memory, measure_step, model_config_for_patch
+from app.plan.measure import (
+    GIB,
+    OK,
+    OOM,
+    StepStats,
+    device_name,
+    is_out_of_memory,
+    measure_step,
+    model_config_for_patch,
+)
 from app.plan.planner import PlanResult, plan
 from app.plan.variants import COMPONENTS, parse_variant
 
@@ -72,21 +83,26 @@ def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, devi
     return stats
 
 
-def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """All (model, edge, variant) rows, as plain dicts (``StepStats.to_dict`` plus ``model``)."""
+def run(args: argparse.Namespace, device: torch.device,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """All (edge, model, variant) rows, small edges first, as plain dicts (``StepStats.to_dict`` plus
+    ``model`` and ``edge``); ``on_row(rows)`` after each one (progress, partial outputs)."""
     cache = CalibrationCache(None if args.no_cache else (args.cache or default_cache_path()))
-    rows = []
-    for model in args.models:
-        out_of_memory: set[str] = set()
-        for edge in sorted(args.sizes):
+    rows: list[dict[str, Any]] = []
+    failed: dict[str, set[str]] = {model: set() for model in args.models}  # OOM or error at a smaller edge
+    for edge in sorted(args.sizes):
+        for model in args.models:
             for variant in args.variants:
-                if variant in out_of_memory:
-                    stats = StepStats(variant, (edge,) * 3, args.batch_size, status=OOM, reason="a smaller size was OOM")
+                if variant in failed[model]:
+                    stats = StepStats(variant, (edge,) * 3, args.batch_size, status=OOM,
+                                      reason="not run: a smaller size did not fit")
                 else:
                     stats = _measure(model, edge, variant, args, device, cache)
-                if stats.status == OOM:
-                    out_of_memory.add(variant)
+                if stats.status in (OOM, "error"):
+                    failed[model].add(variant)
                 rows.append({"model": model, "edge": edge, **stats.to_dict()})
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -151,9 +167,10 @@ def write_plot(rows: list[dict[str, Any]], path: Path, cuda: bool, cap_gib: floa
     plt.close(fig)
 
 
-def max_cubes(args: argparse.Namespace, device: torch.device) -> list[tuple[str, PlanResult]]:
+def max_cubes(args: argparse.Namespace, device: torch.device,
+              on_result: Callable[[list[tuple[str, PlanResult]]], None] | None = None) -> list[tuple[str, PlanResult]]:
     """The largest cube per (model, variant) within ``--cap-gib`` (the planner's search)."""
-    out = []
+    out: list[tuple[str, PlanResult]] = []
     for model in args.models:
         for variant in args.max_cube_variants:
             out.append((model, plan(
@@ -161,6 +178,8 @@ def max_cubes(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
                 n_probes=args.n_probes, cache=False if args.no_cache else (args.cache or True), max_edge=args.max_edge,
                 warmup=args.warmup, repeat=args.repeat, reference_edge=min(args.sizes),
             )))
+            if on_result is not None:
+                on_result(out)
     return out
 
 
@@ -218,32 +237,52 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = run(args, device)
-    cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
-    lines = [
-        "## Training-step memory per variant (app.bench memory)", "", environment(), "",
-        f"batch {args.batch_size}, n_probes {args.n_probes}, {args.warmup} warm-up + {args.repeat} timed steps "
-        f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
-        "saved = bytes saved for backward by the forward pass and loss (parameters excluded)",
-    ]
-    if not cuda:
-        lines.append("CPU: no peak memory to measure; saved bytes and step time only.")
-    lines += ["", table(rows, cuda)]
-    found = []
-    if args.max_cube:
-        found = max_cubes(args, device)
-        budget = found[0][1].budget_bytes / GIB if found else math.nan
-        lines += ["", f"### Largest cube that trains within {budget:.3g} GiB", ""]
-        if found and found[0][1].estimated:
-            lines.append("CPU: peaks ESTIMATED from saved bytes x calibration factor (app.plan.planner), not measured.\n")
-        lines.append(max_cube_table(found))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (out / "memory.md").write_text(text)
+    def report(rows: list[dict[str, Any]], found: list[tuple[str, PlanResult]]) -> str:
+        cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
+        lines = [
+            "## Training-step memory per variant (app.bench memory)", "", environment(), "",
+            (f"batch {args.batch_size}, n_probes {args.n_probes}, {args.warmup} warm-up + {args.repeat} timed steps "
+             f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
+             "saved = bytes saved for backward by the forward pass and loss (parameters excluded)"),
+        ]
+        if not cuda:
+            lines.append("CPU: no peak memory to measure; saved bytes and step time only.")
+        lines += ["", table(rows, cuda)]
+        if found:
+            lines += ["", f"### Largest cube that trains within {found[0][1].budget_bytes / GIB:.3g} GiB", ""]
+            if found[0][1].estimated:
+                lines.append("CPU: peaks ESTIMATED from saved bytes x calibration factor (app.plan.planner), not measured.\n")
+            lines.append(max_cube_table(found))
+        return "\n".join(lines) + "\n"
+
+    def save(rows: list[dict[str, Any]], found: list[tuple[str, PlanResult]]) -> str:
+        """(Re)write memory.md and memory.json: partial results survive an interrupted run."""
+        text = report(rows, found)
+        (out / "memory.md").write_text(text)
+        raw = {"environment": environment(), "device": device_name(device), "args": vars(args), "rows": rows,
+               "max_cube": [{"model": m, "variant": r.variant, "patch_size": r.patch_size,
+                             "stats": None if r.stats is None else r.stats.to_dict()} for m, r in found]}
+        (out / "memory.json").write_text(json.dumps(raw, indent=1, default=str))
+        return text
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        r = rows[-1]
+        peak = f"{r['peak_bytes'] / GIB:.2f} GiB, " if r["peak_bytes"] is not None else ""
+        time_ms = f"{r['step_seconds'] * 1e3:.0f} ms" if r["step_seconds"] is not None else r["status"]
+        print(f"[memory] {r['model']} {r['edge']}^3 {r['variant']}: {peak}{time_ms}", file=sys.stderr, flush=True)
+        save(rows, [])
+
+    def cube_progress(found: list[tuple[str, PlanResult]]) -> None:
+        model, r = found[-1]
+        size = "none" if r.patch_size is None else f"{r.patch_size[0]}^3"
+        print(f"[memory] largest cube {model} {r.variant}: {size} ({len(r.trials)} candidates asked)",
+              file=sys.stderr, flush=True)
+        save(rows, found)
+
+    rows = run(args, device, progress)
     write_plot(rows, out / "memory.png", cuda, args.cap_gib)
-    raw = {"environment": environment(), "device": device_name(device), "args": vars(args), "rows": rows,
-           "max_cube": [{"model": m, "variant": r.variant, "patch_size": r.patch_size,
-                         "stats": None if r.stats is None else r.stats.to_dict()} for m, r in found]}
-    (out / "memory.json").write_text(json.dumps(raw, indent=1, default=str))
+    found = max_cubes(args, device, cube_progress) if args.max_cube else []
+    text = save(rows, found)
+    print(text)
     print(f"wrote {os.fspath(out / 'memory.md')}, {os.fspath(out / 'memory.png')}, {os.fspath(out / 'memory.json')}")
     return 0

@@ -23,7 +23,13 @@ from app.plan.planner import (
     required_divisor,
     search_largest,
 )
-from app.plan.variants import COMPONENTS, Variant, lean_available, parse_variant, training_variant
+from app.plan.variants import (
+    COMPONENTS,
+    Variant,
+    lean_available,
+    parse_variant,
+    training_variant,
+)
 
 __all__ = [
     "CACHE_ENV",

@@ -26,10 +26,15 @@ from app.bench.common import environment, markdown_table
 from app.models import MODEL_NAMES
 from app.plan.cache import default_cache_path
 from app.plan.measure import GIB
-from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, calibration_factor, plan
+from app.plan.planner import (
+    STATE_BYTES_PER_PARAMETER_BYTE,
+    PlanResult,
+    calibration_factor,
+    plan,
+)
 from app.plan.variants import COMPONENTS, parse_variant
 
-__all__ = ["main", "DEFAULT_VARIANTS", "model_config_from_args", "results_table"]
+__all__ = ["DEFAULT_VARIANTS", "main", "model_config_from_args", "results_table"]
 
 DEFAULT_VARIANTS = [
     "exact", "amp", "ckpt", "stochastic", "stochastic+amp", "stochastic+amp+ckpt", "stochastic+lean", "stochastic+lean+amp",

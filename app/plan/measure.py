@@ -158,12 +158,12 @@ def memory_cap(cap_gib: float | None, device: torch.device | str) -> Iterator[No
         yield
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    if not 0 < cap_gib * GIB <= total:
+    if not 0 < cap_gib * GIB <= total * (1 + 1e-9):  # (the device's own size, round-tripped through GiB, is fine)
         raise ValueError(f"memory cap must be in (0, {total / GIB:.1f}] GiB on {device_name(device)}, but got {cap_gib}")
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    previous = getter(device) if getter is not None else 1.0
+    previous = float(getter(device)) if getter is not None else 1.0
     free_memory(device)
-    torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap_gib * GIB / total)), device)
     try:
         yield
     finally:
@@ -193,7 +193,9 @@ def _build(cfg: dict[str, Any], v: Variant, n_probes: int, sketch_options: Mappi
             kwargs["lean"] = True
         app.nn.convert(model, n_probes if v.stochastic else 0, **kwargs)
     if v.ckpt:
-        from app.train.grad_checkpoint import enable_grad_checkpointing  # lazy: app.train needs hydra
+        from app.train.grad_checkpoint import (
+            enable_grad_checkpointing,  # lazy: app.train needs hydra
+        )
 
         enable_grad_checkpointing(model)
     return model
@@ -315,7 +317,7 @@ def measure_step(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, but got batch_size={batch_size}")
     cfg = model_config_for_patch(model_cfg, patch)
-    common = dict(variant=v.name, patch_size=patch, batch_size=batch_size, device=device_name(dev))
+    common: dict[str, Any] = {"variant": v.name, "patch_size": patch, "batch_size": batch_size, "device": device_name(dev)}
     if v.lean and not lean_available():
         return StepStats(**common, status=UNAVAILABLE, reason="app.nn.convert has no lean option yet")
     failure = None

@@ -21,7 +21,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMPONENTS", "Variant", "parse_variant", "lean_available", "training_variant"]
+__all__ = ["COMPONENTS", "Variant", "lean_available", "parse_variant", "training_variant"]
 
 # component -> one-line description; the order is the canonical order of a variant's name
 COMPONENTS: dict[str, str] = {
