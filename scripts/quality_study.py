@@ -167,6 +167,7 @@ def step_peak_bytes(model_config: dict[str, Any], sketch: dict[str, Any], patch:
 
     import app.nn
     from app.models import build_model
+    from app.nn.fidelity import split_sketch_config
     from app.train.grad_checkpoint import enable_grad_checkpointing
     from app.train.loop import amp_dtype
 
@@ -174,8 +175,9 @@ def step_peak_bytes(model_config: dict[str, Any], sketch: dict[str, Any], patch:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     model = build_model({**model_config, "patch_size": [patch] * 3})
-    if int(sketch.get("n_probes", 0)) > 0:
-        app.nn.convert(model, **sketch)
+    convert_kwargs, _ = split_sketch_config(sketch)  # as the trainer does (auto_* keys are the allocator's)
+    if int(convert_kwargs.get("n_probes", 0)) > 0:
+        app.nn.convert(model, **convert_kwargs)
     if cfg.trainer.grad_checkpointing:
         enable_grad_checkpointing(model)
     model.to(device).train()

@@ -151,6 +151,9 @@ def test_allocate_probes_keeps_tiny_inputs_exact_and_returns_candidates():
     # an impossible tolerance: nothing is good enough, everything falls back to exact
     strict = allocate_probes(net, loss_fn, batch, ref, candidates=candidates, min_voxels=64, ratio=1e-9, n_draws=1, apply=False)
     assert set(strict.values()) == {0}
+    thrifty = allocate_probes(net, loss_fn, batch, ref, candidates=candidates, min_voxels=64, ratio=1e-9, n_draws=1,
+                              fallback="largest", apply=False)
+    assert thrifty == {"full": 16, "coarse": 0, "head": 16}
     assert net.full.n_probes == 4  # apply=False left the layers alone
     # the default criterion picks only candidates
     auto = allocate_probes(net, loss_fn, batch, ref, candidates=candidates, min_voxels=64, n_draws=1)

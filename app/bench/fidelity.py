@@ -229,7 +229,7 @@ def plot_fidelity(reports: dict[str, FidelityReport], path: Path, title: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rel, ax_cos) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_rel, ax_cos) = plt.subplots(1, 2, figsize=(13, 5.5))
     cmap = plt.get_cmap("tab10")
     estimators = list(dict.fromkeys(label.rsplit(" r", 1)[0] for label in reports))
     probes = sorted({int(label.rsplit(" r", 1)[1]) for label in reports})
@@ -253,14 +253,21 @@ def plot_fidelity(reports: dict[str, FidelityReport], path: Path, title: str = "
     ax_rel.set_yscale("log")
     ax_rel.set_ylabel("relative error of dW  ‖ĝ − g‖ / ‖g‖")
     ax_cos.set_ylabel("cosine(ĝ, g)")
-    ax_cos.set_ylim(-0.05, 1.05)
+    ax_cos.set_ylim(top=1.05)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_rel, ax_cos):
         ax.set_xlabel("layer depth (forward order)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
-    ax_cos.legend(fontsize=7, loc="lower left", ncol=2)
+    handles, labels = ax_rel.get_legend_handles_labels()
+    ncol = min(len(labels), 4)
+    rows = -(-len(labels) // ncol)
+    fig.set_size_inches(13, 4.8 + 0.22 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.15 + 0.2 * rows) / (4.8 + 0.22 * rows), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -534,6 +534,7 @@ def allocate_probes(
     n_draws: int = 2,
     min_voxels: int = 4096,
     ratio: float = 1.0,
+    fallback: str = "exact",
     apply: bool = True,
 ) -> dict[str, int]:
     """Picks each stochastic layer's ``n_probes`` from measured error against SGD noise (and sets it).
@@ -547,7 +548,7 @@ def allocate_probes(
       average over), or
     * the sketch would keep as many numbers as the input itself (``r ≥ B·prod(S)`` for the shifted
       sketch, ``r·K ≥ B·prod(S)`` for ``offset``), or
-    * no candidate is good enough, or the layer got no gradient.
+    * no candidate is good enough (with ``fallback="exact"``), or the layer got no gradient.
 
     All layers are measured at once for each candidate (their errors are independent: input
     gradients are exact), and layers already decided are made exact for the remaining draws.
@@ -565,6 +566,9 @@ def allocate_probes(
         min_voxels: inputs with fewer voxels (per sample) than this stay exact. Default 4096 (16³).
         ratio: tolerance on ``rel_error / sgd_rel_error``. Default 1 (see the module docstring for
             ``1/√2``).
+        fallback: what a (large-input) layer gets when no candidate meets the tolerance:
+            ``"exact"`` (0, default: accuracy first) or ``"largest"`` (the largest candidate that
+            is smaller than the input: memory first, for runs whose exact backprop does not fit).
         apply: set the chosen ``n_probes`` on the layers (their other options kept). Default True.
 
     Returns:
@@ -577,6 +581,8 @@ def allocate_probes(
         raise ValueError("allocate_probes needs a reference_batch (another batch: the SGD-noise reference)")
     if not ratio > 0:
         raise ValueError(f"ratio must be > 0, but got ratio={ratio}")
+    if fallback not in ("exact", "largest"):
+        raise ValueError(f"fallback must be 'exact' or 'largest', but got fallback={fallback!r}")
     named = list(stochastic_layers(model))
     values = _candidate_list(candidates, [layer for _, layer in named])
     choice: dict[str, int] = {name: 0 for name, _ in named}
@@ -598,6 +604,8 @@ def allocate_probes(
                     del undecided[name]
                 else:
                     per_layer[name] = r
+                    if fallback == "largest":
+                        choice[name] = r  # the largest useful candidate so far, unless one passes below
             others = [layer for name, layer in named if name not in per_layer]
             stochastic = [layer for name, layer in named if name in per_layer]
             with _sketch_options(others, {"n_probes": 0}), _sketch_options(stochastic, {"n_probes": r}):
@@ -623,7 +631,8 @@ class ProbeAllocator:
         model: the model (its stochastic layers get the chosen ``n_probes``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` (moves the batch to the device itself).
         every: steps between allocations; 0 allocates once. Default 0.
-        **kwargs: keywords of :func:`allocate_probes` (``candidates``, ``n_draws``, ``min_voxels``, ``ratio``).
+        **kwargs: keywords of :func:`allocate_probes` (``candidates``, ``n_draws``, ``min_voxels``, ``ratio``,
+            ``fallback``).
 
     Example (inside a training loop)::
 
@@ -636,10 +645,10 @@ class ProbeAllocator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 0, **kwargs: Any) -> None:
         if not isinstance(every, int) or every < 0:
             raise ValueError(f"every must be an int >= 0 (0: allocate once), but got every={every!r}")
-        unknown = set(kwargs) - {"candidates", "n_draws", "min_voxels", "ratio"}
+        unknown = set(kwargs) - {"candidates", "n_draws", "min_voxels", "ratio", "fallback"}
         if unknown:
             raise ValueError(
-                f"ProbeAllocator: unknown options {sorted(unknown)}; allowed: candidates, n_draws, min_voxels, ratio"
+                f"ProbeAllocator: unknown options {sorted(unknown)}; allowed: candidates, n_draws, min_voxels, ratio, fallback"
             )
         self.model, self.loss_fn, self.every, self.options = model, loss_fn, every, kwargs
         self.allocation: Optional[dict[str, int]] = None
@@ -669,7 +678,7 @@ def split_sketch_config(sketch: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
     """Splits a training config's ``sketch`` group into ``convert`` keywords and allocator keywords.
 
     With ``n_probes: auto`` the model starts at the largest candidate and the ``auto_*`` keys
-    (``auto_every``, ``auto_candidates``, ``auto_draws``, ``auto_min_voxels``, ``auto_ratio``) become
+    (``auto_every``, ``auto_candidates``, ``auto_draws``, ``auto_min_voxels``, ``auto_ratio``, ``auto_fallback``) become
     :class:`ProbeAllocator` keywords; otherwise the allocator keywords are None. ``auto_*`` keys are
     never passed to ``convert``.
 
@@ -680,7 +689,8 @@ def split_sketch_config(sketch: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
     auto = {k[len("auto_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("auto_")}
     if str(cfg.get("n_probes")).lower() != "auto":
         return cfg, None
-    names = {"every": "every", "candidates": "candidates", "draws": "n_draws", "min_voxels": "min_voxels", "ratio": "ratio"}
+    names = {"every": "every", "candidates": "candidates", "draws": "n_draws", "min_voxels": "min_voxels", "ratio": "ratio",
+             "fallback": "fallback"}
     unknown = set(auto) - set(names)
     if unknown:
         raise ValueError(f"sketch: unknown keys {sorted('auto_' + k for k in unknown)}; "
