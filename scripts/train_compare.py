@@ -2,8 +2,9 @@
 
 Every run uses the same config, seed, data and number of optimizer steps; only
 ``sketch.n_probes`` differs (0 = exact). The table reports final and best mean Dice, peak GPU
-memory (``torch.cuda.max_memory_allocated`` per epoch, max over epochs; CPU runs: n/a), the
-mean step time (first epoch excluded when there are more) and the environment.
+memory during training (``torch.cuda.max_memory_allocated`` per epoch, max over the epochs after
+the first; CPU runs: n/a), the mean step time over the same epochs, and the environment.
+Run it where ``app`` is importable (``pip install -e .`` or ``PYTHONPATH=.``).
 
 Examples:
     # GPU benchmark on a Decathlon task, 2 x 300 steps at 128^3, bf16:
@@ -51,14 +52,16 @@ def run_one(n_probes: int, out: Path, overrides: list[str]) -> dict[str, Any]:
         torch.cuda.empty_cache()
     metrics = train(cfg)
     history = load_checkpoint(out / "checkpoints" / "last.pt")["history"]
-    times = [h["train/step_time_s"] for h in history]
-    peaks = [h["train/peak_memory_gb"] for h in history if "train/peak_memory_gb" in h]
+    # the first epoch holds one-off costs (allocator growth, lazy init): left out when there are more
+    steady = history[1:] if len(history) > 1 else history
+    times = [h["train/step_time_s"] for h in steady]
+    peaks = [h["train/peak_memory_gb"] for h in steady if "train/peak_memory_gb" in h]
     return {
         "n_probes": n_probes,
         "steps": int(metrics["global_step"]),
         "final_mean_dice": metrics.get("val/mean_dice", math.nan),
         "best_mean_dice": metrics.get("val/best_mean_dice", math.nan),
-        "step_time_s": sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0],
+        "step_time_s": sum(times) / len(times),
         "peak_memory_gb": max(peaks) if peaks else None,
         "final_loss": metrics["train/epoch_loss"],
     }

@@ -101,10 +101,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _plain_config(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
 class Trainer:
     """A short loop around lifecycle steps; built from a composed config, run by :meth:`fit`."""
 
@@ -226,9 +222,10 @@ class Trainer:
                 + (f" over {self.dist.world_size} processes" if self.dist.enabled else "")
                 + "; lower trainer.batch_size"
             )
+        for key in ("grad_accum", "val_every"):
+            if int(t[key]) < 1:
+                raise ValueError(f"trainer.{key} must be >= 1, but got trainer.{key}={t[key]}")
         accum = int(t.grad_accum)
-        if accum < 1:
-            raise ValueError(f"trainer.grad_accum must be >= 1, but got trainer.grad_accum={accum}")
         self.steps_per_epoch = int(t.steps_per_epoch) if t.steps_per_epoch else max(1, n_batches // accum)
         if t.max_steps:
             self.total_steps = int(t.max_steps)
@@ -435,7 +432,7 @@ class Trainer:
                 "best_epoch": p.best_epoch,
                 "history": p.history,
                 "rng": rng_state(),
-                "config": _plain_config(self.cfg),
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
         )
         return path

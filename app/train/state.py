@@ -35,12 +35,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
     Args:
         seed: the seed.
-        deterministic: keep cuDNN on deterministic kernels (MONAI's choice); False lets cuDNN
-            pick the fastest kernels (``benchmark``), as nnU-Net does. Default False.
+        deterministic: keep cuDNN on deterministic kernels (MONAI's choice); False lets it use
+            its default (faster, non-deterministic) kernels. cuDNN's autotuner (``benchmark``)
+            stays off either way: its trial workspaces would inflate the peak memory that runs
+            report. Default False.
     """
     set_determinism(seed=seed)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = False
     app.nn.manual_seed(seed)
 
 
