@@ -86,3 +86,20 @@ def test_max_cube_on_cpu_is_an_estimate(tmp_path, tiny_model, capsys):
     md = (out / "memory.md").read_text()
     assert "Largest cube that trains within 0.1 GiB" in md and "ESTIMATED" in md
     assert "| tiny | exact |" in md and "| tiny | stochastic |" in md
+
+
+def test_cuda_table_has_peaks_ratios_and_the_calibration_factor():
+    gib = 2.0**30
+
+    def row(variant, peak_gib, ms, saved_gib):
+        return {"model": "m", "edge": 64, "variant": variant, "status": "ok", "peak_bytes": peak_gib * gib,
+                "step_seconds": ms / 1e3, "saved_bytes": saved_gib * gib, "saved_bytes_per_voxel": saved_gib * gib / 64**3,
+                "parameter_bytes": 0.25 * gib}
+
+    oom = {"model": "m", "edge": 64, "variant": "ckpt", "status": "oom", "peak_bytes": None, "step_seconds": None,
+           "saved_bytes": None, "saved_bytes_per_voxel": None, "parameter_bytes": None}
+    rows = [row("exact", 10.0, 100.0, 6.0), row("amp", 5.0, 50.0, 3.0), oom]
+    text = memory.table(rows, cuda=True)
+    assert "| peak GiB | peak / exact |" in text and "| calib |" in text
+    assert "| m | 64 | amp | 5 | 0.5 | 50 | 0.5 | 3072 | 12288 | 1.33 |" in text  # (5 - 4 x 0.25) / 3
+    assert "| m | 64 | ckpt | OOM |" in text

@@ -205,6 +205,8 @@ def test_candidates_are_multiples_of_the_divisor_and_grow():
     assert all(c[d] % div[d] == 0 and c[d] >= div[d] for c in cands for d in range(3))
     assert all(all(a <= b for a, b in zip(p, q)) and p != q for p, q in itertools.pairwise(cands))
     assert cands[-1][0] == 256 and cands[-1][2] < cands[-1][0] // 2
+    # coarser steps on request: multiples of lcm(divisor, edge_step)
+    assert candidate_patches([16, 16, 16], (1.0, 1.0, 1.0), max_edge=128, edge_step=32)[:2] == [(32,) * 3, (64,) * 3]
     # capped at the data's shape (rounded up to the divisor)
     capped = candidate_patches([16, 16, 16], (1.0, 1.0, 1.0), max_edge=256, max_shape=(100, 300, 300))
     assert capped[-1] == (112, 256, 256)

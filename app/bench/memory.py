@@ -3,8 +3,9 @@
 For each network, volume edge and variant (exact, bf16 autocast, gradient checkpointing,
 stochastic convolutions, lean layers and their combinations; :mod:`app.plan.variants`) it runs
 real training steps (:func:`app.plan.measure_step`: forward, DiceCE, backward, AdamW) and reports
-the peak device memory, its ratio to exact backprop, the step time and its ratio, and the bytes
-saved for backward (device independent). Rows that do not fit say ``OOM``; once a variant is out
+the peak device memory, its ratio to exact backprop, the step time and its ratio, the bytes
+saved for backward (device independent) and, on CUDA, ``calib`` = (peak - 4 x parameter bytes) /
+saved bytes, the factor :mod:`app.plan`'s CPU estimate multiplies saved bytes by. Rows that do not fit say ``OOM``; once a variant is out
 of memory, its larger sizes are not tried. ``--max-cube`` adds the largest cube that trains within
 ``--cap-gib`` per variant (the planner's search, :func:`app.plan.plan`).
 
@@ -41,7 +42,7 @@ from app.plan.measure import (
     measure_step,
     model_config_for_patch,
 )
-from app.plan.planner import PlanResult, plan
+from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
 from app.plan.variants import COMPONENTS, parse_variant
 
 from .common import MIB, environment, markdown_table
@@ -120,6 +121,7 @@ def table(rows: list[dict[str, Any]], cuda: bool) -> str:
     header = ["model", "edge", "variant"]
     header += ["peak GiB", "peak / exact"] if cuda else []
     header += ["step ms", "time / exact", "saved MiB", "saved B/voxel"]
+    header += ["calib"] if cuda else []  # (peak - parameter state) / saved: app.plan's CPU calibration factor
     out = []
     for r in rows:
         ref = exact.get((r["model"], r["edge"]), {})
@@ -132,6 +134,9 @@ def table(rows: list[dict[str, Any]], cuda: bool) -> str:
             line += [_num(r["peak_bytes"]) / GIB, _ratio(r["peak_bytes"], ref.get("peak_bytes"))]
         line += [_num(r["step_seconds"]) * 1e3, _ratio(r["step_seconds"], ref.get("step_seconds")),
                  _num(r["saved_bytes"]) / MIB, _num(r["saved_bytes_per_voxel"])]
+        if cuda:
+            state = STATE_BYTES_PER_PARAMETER_BYTE * _num(r["parameter_bytes"])
+            line += [_ratio(_num(r["peak_bytes"]) - state, r["saved_bytes"])]
         out.append(line)
     return markdown_table(header, out)
 
@@ -176,6 +181,7 @@ def max_cubes(args: argparse.Namespace, device: torch.device,
             out.append((model, plan(
                 BENCH_MODELS[model], args.cap_gib, (1.0, 1.0, 1.0), variant, args.batch_size, device,
                 n_probes=args.n_probes, cache=False if args.no_cache else (args.cache or True), max_edge=args.max_edge,
+                edge_step=args.edge_step,
                 warmup=args.warmup, repeat=args.repeat, reference_edge=min(args.sizes),
             )))
             if on_result is not None:
@@ -211,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cube-variants", nargs="+", default=None,
                    help=f"variants for --max-cube. Default: {' '.join(MAX_CUBE_VARIANTS)}")
     p.add_argument("--max-edge", type=int, default=512, help="largest cube tried by --max-cube. Default 512")
+    p.add_argument("--edge-step", type=int, default=32,
+                   help="--max-cube tries multiples of lcm(network divisor, this). Default 32")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default=None, help="Default: cuda when available, else cpu")
@@ -271,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         time_ms = f"{r['step_seconds'] * 1e3:.0f} ms" if r["step_seconds"] is not None else r["status"]
         print(f"[memory] {r['model']} {r['edge']}^3 {r['variant']}: {peak}{time_ms}", file=sys.stderr, flush=True)
         save(rows, [])
+        if r["model"] == args.models[-1] and r["variant"] == args.variants[-1]:  # an edge is complete
+            write_plot(rows, out / "memory.png", cuda, args.cap_gib)
 
     def cube_progress(found: list[tuple[str, PlanResult]]) -> None:
         model, r = found[-1]

@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu. Default: cuda when available")
     p.add_argument("--max-edge", type=int, default=512, help="largest candidate edge (finest axis). Default 512")
+    p.add_argument("--edge-step", type=int, default=None,
+                   help="candidate edges are multiples of lcm(divisor, this). Default: the network's divisor")
     p.add_argument("--max-shape", type=int, nargs="+", default=None, help="per axis, the largest useful size (data shape)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per measurement. Default 1")
     p.add_argument("--repeat", type=int, default=2, help="timed steps per measurement. Default 2")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 results.append(plan(
                     cfg, args.budget_gib, args.spacing, variant, batch, args.device, n_probes=args.n_probes,
-                    cache=cache, max_edge=args.max_edge, max_shape=args.max_shape, warmup=args.warmup,
+                    cache=cache, max_edge=args.max_edge, max_shape=args.max_shape, edge_step=args.edge_step, warmup=args.warmup,
                     repeat=args.repeat, reference_edge=args.reference_edge, calibration=args.calibration,
                 ))
     except ValueError as err:

@@ -60,16 +60,17 @@ __all__ = [
     "search_largest",
 ]
 
-# Peak device memory of a training step divided by the bytes its forward pass saves for backward,
-# per variant: the CPU planner's calibration. The peak also holds what is not saved for backward:
-# the gradient of the activation being back-propagated, the forward's transient outputs (skip
-# tensors, torch.cat copies) and the optimizer's update, so the factor is above 1, and much above 1
-# when little is saved (ckpt, lean). TODO(H200): values from `python -m app.bench memory` on the
-# H200 (DynUNet default, 128^3-256^3) replace these placeholders; until then every variant uses
-# DEFAULT_CALIBRATION_FACTOR, derived from shared/METHOD.md's one reference point (plain U-Net
-# 32-320, exact fp32, 256^3: ~42 GB peak on an H200) against DynUNet's saved bytes at 64^3
-# (1615 B/voxel x 256^3 = 27.1 GB): 42 / 27.1 = 1.55.
-DEFAULT_CALIBRATION_FACTOR = 1.55
+# Peak device memory of a training step, less the parameter state, divided by the bytes its forward
+# pass saves for backward: the CPU planner's calibration, per variant. The peak also holds what is
+# not saved for backward (the gradient being back-propagated, the forward's transient outputs and
+# the skip tensors, torch.cat copies), so the factor is above 1, and far above 1 when little is
+# saved (ckpt, lean). On CUDA, `python -m app.bench memory` prints it per row ("calib" column);
+# CALIBRATION_FACTORS is to be filled from the H200 run (DynUNet default, 192^3-256^3). Until then
+# every variant uses DEFAULT_CALIBRATION_FACTOR, from shared/METHOD.md's one reference point (a
+# 32-320 U-Net, exact fp32, 256^3: "about 42 GB" peak on an H200) against the default DynUNet's
+# count on the CPU (1749 B/voxel saved, i.e. 29.3e9 B at 256^3; 0.5e9 B of weights, gradients and
+# AdamW moments): (42 - 0.5) / 29.3 = 1.42 if GB means 1e9 bytes, 1.52 if it means GiB.
+DEFAULT_CALIBRATION_FACTOR = 1.45
 CALIBRATION_FACTORS: dict[str, float] = {}
 # Weights, their gradients and AdamW's two moment buffers: 4x the parameter bytes.
 STATE_BYTES_PER_PARAMETER_BYTE = 4
@@ -122,6 +123,7 @@ def candidate_patches(
     *,
     max_edge: int = 512,
     max_shape: Sequence[int] | None = None,
+    edge_step: int | None = None,
 ) -> list[tuple[int, ...]]:
     """Increasing candidate patches (see the module docstring); each axis a multiple of ``divisor``.
 
@@ -131,6 +133,8 @@ def candidate_patches(
         max_edge: largest size along the finest axis.
         max_shape: per axis, no candidate exceeds this (rounded up to the divisor); e.g. the
             data's median shape, as nnU-Net caps its patch.
+        edge_step: coarser steps along the finest axis: multiples of ``lcm(divisor, edge_step)``
+            (default: the divisor).
 
     Returns:
         Candidates, each at least as large as the previous one on every axis and larger on one.
@@ -140,6 +144,8 @@ def candidate_patches(
     finest = min(spacing)
     rel = [finest / float(s) for s in spacing]
     step = max(d for d, r in zip(divisor, rel) if r == 1.0)
+    if edge_step is not None:
+        step = math.lcm(step, int(edge_step))
     cap = [math.inf] * len(divisor)
     if max_shape is not None:
         cap = [math.ceil(m / d) * d for m, d in zip(max_shape, divisor)]
@@ -305,6 +311,7 @@ def plan(
     measure_fn: Callable[[tuple[int, ...]], StepStats] | None = None,
     max_edge: int = 512,
     max_shape: Sequence[int] | None = None,
+    edge_step: int | None = None,
     warmup: int = 1,
     repeat: int = 2,
     reference_edge: int = 64,
@@ -326,6 +333,8 @@ def plan(
             its results are cached like measurements.
         max_edge: largest candidate edge along the finest axis. Default 512.
         max_shape: per axis, the largest useful size (e.g. the data's median shape).
+        edge_step: candidate edges along the finest axis are multiples of ``lcm(divisor,
+            edge_step)`` (default: of the divisor).
         warmup, repeat: steps per measurement (see :func:`measure_step`).
         reference_edge: CPU estimate: saved bytes are counted at the first candidate at least this
             large along the finest axis and at the next one. Default 64.
@@ -347,7 +356,7 @@ def plan(
     budget = budget_gib * GIB
     store = _resolve_cache(cache)
     divisor = required_divisor(cfg, spacing, max_edge)
-    candidates = [c for c in candidate_patches(divisor, spacing, max_edge=max_edge, max_shape=max_shape)
+    candidates = [c for c in candidate_patches(divisor, spacing, max_edge=max_edge, max_shape=max_shape, edge_step=edge_step)
                   if _trainable(cfg, c, divisor, spacing)]
     if not candidates:
         raise ValueError(f"no candidate patch: max_edge={max_edge} is below the network's divisor")
