@@ -21,7 +21,7 @@ from app.data import DataError, make_synthetic_dataset
 from app.models import build_model, load_checkpoint, model_from_checkpoint
 from app.train import TrainingError, config_dir, train
 from app.train.grad_checkpoint import enable_grad_checkpointing, stages
-from app.train.loop import Trainer
+from app.train.loop import Trainer, out_of_memory_message
 from app.train.validation import mean_dice, overlay
 
 # A run of a few seconds: 24^3 volumes, 16^3 patches, a 4..16-channel DynUNet, 2 epochs x 2 steps.
@@ -274,9 +274,13 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, synthetic_root, mon
         train(tiny_cfg(tmp_path / "run", synthetic_root))
     message = str(info.value)
     assert "\n" not in message
-    for part in ("trainer.patch_size (now [16, 16, 16])", "trainer.batch_size (now 1", "sketch.n_probes (now 4)",
-                 "trainer.amp=bf16", "trainer.grad_checkpointing=true"):
+    for part in ("lower trainer.patch_size (now [16, 16, 16])", "trainer.batch_size (now 1", "sketch.n_probes (now 4)",
+                 "set trainer.amp=bf16 (now off)", "set trainer.grad_checkpointing=true (now false)"):
         assert part in message, part
+    exact = tiny_cfg(tmp_path / "exact", synthetic_root, "sketch=exact", "sketch.n_probes=0", "trainer.amp=bf16")
+    message = out_of_memory_message(exact, "the training step")
+    assert "sketch=default (now sketch.n_probes=0)" in message and "trainer.amp" not in message
+    assert "trainer.sw_batch_size (now 1)" in out_of_memory_message(exact, "validation")
 
 
 # ------------------------------------------------------------------------ pieces of the loop

@@ -62,20 +62,27 @@ def amp_dtype(value: Any) -> torch.dtype | None:
 
 
 def out_of_memory_message(cfg: DictConfig, where: str) -> str:
-    """One line naming the settings that lower memory, with their current values."""
+    """One line naming the settings that lower memory, with their current values.
+
+    Args:
+        cfg: the run's config.
+        where: ``"the training step"`` or ``"validation"`` (sliding-window inference).
+    """
     t, s = cfg.trainer, cfg.sketch
-    hints = [
-        f"trainer.patch_size (now {list(t.patch_size)})",
-        f"trainer.batch_size (now {t.batch_size}; raise trainer.grad_accum to keep the effective batch)",
-        f"sketch.n_probes (now {s.n_probes})",
-    ]
-    if amp_dtype(t.amp) is None:
-        hints.append(f"set trainer.amp=bf16 (now {t.amp})")
-    if not t.grad_checkpointing:
-        hints.append("set trainer.grad_checkpointing=true (now false)")
     if where == "validation":
-        hints = [f"trainer.sw_batch_size (now {t.sw_batch_size})", f"trainer.patch_size (now {list(t.patch_size)})"]
-    return f"CUDA out of memory during {where}; lower " + ", ".join(hints)
+        hints = [f"lower trainer.sw_batch_size (now {t.sw_batch_size})", f"trainer.patch_size (now {list(t.patch_size)})"]
+    else:
+        hints = [
+            f"lower trainer.patch_size (now {list(t.patch_size)})",
+            f"trainer.batch_size (now {t.batch_size}; raise trainer.grad_accum to keep the effective batch)",
+            f"sketch.n_probes (now {s.n_probes})" if str(s.n_probes) != "0"
+            else "use stochastic backprop: sketch=default (now sketch.n_probes=0)",
+        ]
+        if amp_dtype(t.amp) is None:
+            hints.append(f"set trainer.amp=bf16 (now {t.amp})")
+        if not t.grad_checkpointing:
+            hints.append("set trainer.grad_checkpointing=true (now false)")
+    return f"CUDA out of memory during {where}: " + ", ".join(hints)
 
 
 @dataclass
