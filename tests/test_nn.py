@@ -418,3 +418,11 @@ def test_autograd_function_saves_no_input():
         y = _StochasticConv.apply(x, w, None, geom, 4, "rademacher", sketch, "mean", 0)
         shapes = sorted(tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None)
         assert shapes == sorted([(), (1, 3), sketch_shape, (5, 3, 3, 3, 3)])
+
+
+def test_module_default_sketch_is_offset_for_strided_and_shifted_otherwise():
+    x = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
+    for stride, shape in [(1, (16, 3)), (2, (16, 3, 3, 3, 3))]:
+        layer = snn.StochasticConv3d(3, 4, 3, stride=stride, padding=1)
+        sketch_shapes = [tuple(t.shape) for t in layer(x).grad_fn.saved_tensors if t is not None and t.dim() >= 2]
+        assert shape in sketch_shapes, (stride, sketch_shapes)

@@ -43,8 +43,9 @@ def convert(
         min_voxels: layers whose input has fewer voxels than this use exact backprop.
         include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
         exclude: patterns of names to leave alone (checked after ``include``).
-        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; transposed
-            convolutions always use ``sketch="shifted"``.
+        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; ``sketch=None``
+            picks ``"offset"`` for strided convolutions and ``"shifted"`` for the others;
+            transposed convolutions always use ``"shifted"``.
         lean: also swap ReLU/LeakyReLU for 1-bit-mask versions and instance/group/batch norms for
             versions keeping only the normalised tensor (``app.nn.lean``): the whole block gets lean.
         lean_storage: dtype the lean norms keep their tensor in: ``"bfloat16"`` (default),

@@ -71,12 +71,15 @@ class _StochasticConvNd(StochasticConvMixin):
         if not self.uses_sketch(input):
             return super()._conv_forward(input, weight, bias)
         padding = self.padding
+        # Default per layer: strided convolutions sketch on their (smaller) output grid, which
+        # measured 2-3x lower dW error there at equal probes (docs/benchmarks.md, section 5).
+        sketch = self.sketch or ("offset" if any(s > 1 for s in self.stride) else "shifted")
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return _apply(
             input, weight, bias, self._dims, False, self.stride, padding, 0, self.dilation, self.groups,
-            self.n_probes, self.probes, self.sketch, self.control, None,
+            self.n_probes, self.probes, sketch, self.control, None,
         )
 
     def extra_repr(self) -> str:
@@ -114,7 +117,8 @@ def _make_module(base: type, mixin: type, dims: int) -> type:
         *args, **kwargs: exactly those of ``torch.nn.{base.__name__}``.
         n_probes: probes of the trace estimator (memory ``r·C_in·K`` or ``r·C_in`` numbers); ``0`` = exact backprop.
         probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
-        sketch: ``"shifted"`` (default, ``r·C_in`` numbers kept) or ``"offset"`` (``r·C_in·K``; regular convs only).
+        sketch: ``"shifted"`` (``r·C_in`` numbers kept) or ``"offset"`` (``r·C_in·K``; regular convs only);
+            ``None`` (default): ``"offset"`` for strided convolutions, ``"shifted"`` otherwise.
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         min_voxels: inputs with fewer voxels than this use exact backprop (they are cheap to keep).
 
