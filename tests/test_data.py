@@ -449,6 +449,16 @@ def test_val_transforms_reorient_and_resample(tmp_path: Path) -> None:
     assert abs(float(image.mean())) < 1e-4  # z-scored
 
 
+def test_no_orientation_keeps_the_voxel_axes(tmp_path: Path) -> None:
+    item, affine, _ = _oblique_case(tmp_path)
+    pre = Preprocessing(orientation=None, crop_foreground=False)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    out = val_transforms(pre)(item)
+    assert tuple(out["image"].shape) == (1, 30, 9, 14) and tuple(out["label"].shape) == (1, 30, 9, 14)
+    np.testing.assert_allclose(out["image"].affine.numpy(), affine, atol=1e-6)
+    np.testing.assert_array_equal(out["label"][0].numpy(), np.asarray(nib.load(item["label"]).dataobj))
+
+
 def test_infer_transforms_invert_to_original_grid(tmp_path: Path) -> None:
     item, affine, _ = _oblique_case(tmp_path)
     pre = Preprocessing(spacing=(1.0, 1.0, 1.0))

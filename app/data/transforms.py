@@ -73,7 +73,8 @@ class Preprocessing:
     Attributes:
         spacing: target voxel size ``(sx, sy, sz)`` in mm after reorientation; None keeps each
             image's own grid. One number means isotropic.
-        orientation: target axis codes, e.g. ``"RAS"`` (MONAI's ``Orientationd``).
+        orientation: target axis codes, e.g. ``"RAS"`` (MONAI's ``Orientationd``); None keeps each
+            image's own axis order.
         intensity: ``"zscore"`` (per-channel mean/std over non-zero voxels, for MRI and video),
             ``"ct"`` (clip to ``ct_window`` HU and scale to [0, 1]) or ``"none"``.
         ct_window: ``(low, high)`` HU window used by ``"ct"``.
@@ -84,7 +85,7 @@ class Preprocessing:
     """
 
     spacing: tuple[float, float, float] | None = None
-    orientation: str = "RAS"
+    orientation: str | None = "RAS"
     intensity: str = "zscore"
     ct_window: tuple[float, float] = (-175.0, 250.0)
     crop_foreground: bool = True
@@ -96,13 +97,14 @@ class Preprocessing:
             if min(self.spacing) <= 0:
                 raise ValueError(f"spacing must be positive, got spacing={self.spacing}")
         self.intensity = look_up_option(str(self.intensity).lower(), INTENSITY_MODES)
-        codes = str(self.orientation).upper()
-        if len(codes) != 3 or any(sum(c in pair for c in codes) != 1 for pair in _AXCODE_PAIRS):
-            raise ValueError(
-                f"orientation must be 3 axis codes, one of L/R, A/P, S/I each (e.g. 'RAS', 'LPS'), "
-                f"got orientation={self.orientation!r}"
-            )
-        self.orientation = codes
+        if self.orientation is not None:
+            codes = str(self.orientation).upper()
+            if len(codes) != 3 or any(sum(c in pair for c in codes) != 1 for pair in _AXCODE_PAIRS):
+                raise ValueError(
+                    f"orientation must be 3 axis codes, one of L/R, A/P, S/I each (e.g. 'RAS', 'LPS'), or None, "
+                    f"got orientation={self.orientation!r}"
+                )
+            self.orientation = codes
         low, high = (float(v) for v in self.ct_window)
         if not low < high:
             raise ValueError(f"ct_window must be (low, high) with low < high, got ct_window={self.ct_window}")
@@ -230,9 +232,10 @@ def preprocessing_transforms(
 
     Steps: ``LoadImaged`` (metadata kept; NIfTI via nibabel, ``.mp4``/``.avi``/``.mkv`` via
     :class:`~app.data.video.VideoReader`, chosen per file), ``EnsureChannelFirstd``, channel
-    and NaN checks, ``Orientationd``, ``Spacingd`` (bilinear image, nearest label; only if ``pre.spacing``),
-    intensity (``NormalizeIntensityd`` non-zero channel-wise, or ``ScaleIntensityRanged``) and
-    ``CropForegroundd`` (``allow_smaller=True``) -- cropping before z-scoring, after CT windowing.
+    and NaN checks, ``Orientationd`` (only if ``pre.orientation``), ``Spacingd`` (bilinear image,
+    nearest label; only if ``pre.spacing``), intensity (``NormalizeIntensityd`` non-zero
+    channel-wise, or ``ScaleIntensityRanged``) and ``CropForegroundd`` (``allow_smaller=True``)
+    -- cropping before z-scoring, after CT windowing.
 
     Args:
         pre: the settings.
@@ -257,7 +260,8 @@ def preprocessing_transforms(
         CheckChannelsd(image_key, pre.in_channels),
         CheckFinited(image_key),
     ]
-    out.append(Orientationd(all_keys, axcodes=pre.orientation, labels=None))
+    if pre.orientation is not None:
+        out.append(Orientationd(all_keys, axcodes=pre.orientation, labels=None))
     if pre.spacing is not None:
         modes = ("bilinear", "nearest") if with_label else ("bilinear",)
         out.append(Spacingd(all_keys, pixdim=pre.spacing, mode=modes))
