@@ -348,7 +348,7 @@ def test_glob_inputs_and_flip_axes(tmp_path: Path) -> None:
     assert flip_axes(3)[0] == () and len(flip_axes(3)) == 8 and (2, 3, 4) in flip_axes(3)
 
 
-# ---------------------------------------------------------------------------- same chain as training
+# ---------------------------------------------------------------------------- same pre-processing as training
 
 
 @pytest.mark.parametrize(
@@ -366,21 +366,42 @@ def test_glob_inputs_and_flip_axes(tmp_path: Path) -> None:
     ],
     ids=["zscore-crop", "ct-lps", "none"],
 )
-def test_chain_matches_training_preprocessing(tmp_path: Path, pre: dict) -> None:
-    """app.infer replays exactly what app.data does in training (until the two are unified)."""
-    data_transforms = pytest.importorskip("app.data.transforms")
-    from app.infer.preprocess import Preprocessing, build_preprocess
+def test_model_sees_what_validation_in_training_sees(
+    tmp_path: Path, perfect_ckpt: Path, monkeypatch: pytest.MonkeyPatch, pre: dict
+) -> None:
+    """The pre-processed volume handed to the network is val_transforms' image for the same settings."""
+    import app.infer.engine as engine
+    from app.data import Preprocessing, val_transforms
 
     img = smooth_image()
     img[:3] = 0.0  # padding for the foreground crop
     src = save_nifti(tmp_path / "case.nii.gz", img)
+    lab = save_nifti(tmp_path / "case_label.nii.gz", truth_labels(img).astype(np.uint8))
     full = {"orientation": "RAS", "in_channels": 1, **pre}
-    ours = build_preprocess(Preprocessing.from_dict(full))({"image": str(src)})["image"]
-    theirs = data_transforms.infer_transforms(data_transforms.Preprocessing.from_dict(full))({"image": str(src)})
-    theirs = theirs["image"]
+    ckpt = torch.load(perfect_ckpt, weights_only=True)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(
+        path,
+        model_state=ckpt["model_state"],
+        model_config=ckpt["model_config"],
+        preprocessing=full,
+        class_names=CLASSES,
+    )
+    seen: list[torch.Tensor] = []
+    real = engine.predict_logits
+
+    def spy(model: torch.nn.Module, image: torch.Tensor, settings: engine.WindowSettings) -> torch.Tensor:
+        seen.append(image.detach().clone())
+        return real(model, image, settings)
+
+    monkeypatch.setattr(engine, "predict_logits", spy)
+    [res] = infer_files(path, [src], tmp_path / "out", roi=[8, 8, 8])
+    assert res.status == "ok", res.message
+    [ours] = seen
+    theirs = val_transforms(Preprocessing.from_dict(full))({"image": str(src), "label": str(lab)})["image"]
     assert ours.shape == theirs.shape
-    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(theirs.affine), atol=1e-6)
-    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ours.affine), np.asarray(theirs.affine))
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
 
 
 # ---------------------------------------------------------------------------- CUDA (run with -m gpu)

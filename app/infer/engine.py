@@ -1,6 +1,7 @@
 """Segment NIfTI files with a trained checkpoint and write label maps in the inputs' own space.
 
-Per file: load and pre-process as the checkpoint says (:mod:`app.infer.preprocess`),
+Per file: load and pre-process as the checkpoint says, with training's chain
+(:func:`app.data.transforms.infer_transforms`, settings read by :mod:`app.infer.preprocess`),
 sliding-window prediction (:mod:`app.infer.predict`), inversion of the spatial
 pre-processing back onto the input's voxel grid, then the label map (and optionally the
 class probabilities) written with the input's affine and header (:mod:`app.infer.files`).
@@ -26,9 +27,11 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
+from app.data.errors import DataError
+from app.data.transforms import infer_transforms
 from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
 from app.infer.predict import WindowSettings, predict_logits, resolve_amp, resolve_device, stitch_bytes
-from app.infer.preprocess import Preprocessing, build_inverter, build_preprocess
+from app.infer.preprocess import build_inverter, checkpoint_preprocessing
 from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
 
 __all__ = ["InferenceOptions", "Result", "Segmenter", "infer_files"]
@@ -141,10 +144,16 @@ class Result:
         }
 
 
-def _one_line(exc: BaseException) -> str:
-    """The innermost cause of an exception (MONAI wraps them), as one line."""
+def _innermost(exc: BaseException) -> BaseException:
+    """The innermost cause of an exception (MONAI wraps them)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost cause of an exception, as one line."""
+    exc = _innermost(exc)
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -176,13 +185,13 @@ class Segmenter:
         self.class_names: list[str] = [str(c) for c in ckpt["class_names"]]
         self.spatial_dims = int(self.model_config.get("spatial_dims", 3))
         self.in_channels = int(self.model_config["in_channels"])
-        self.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"], in_channels=self.in_channels)
+        self.preprocessing = checkpoint_preprocessing(ckpt["preprocessing"], in_channels=self.in_channels)
         self.roi = self._resolve_roi(options.roi)
         self.sw_device = resolve_device(options.device)
         self.amp = resolve_amp(options.amp, self.sw_device)
         self.model = model_from_checkpoint(ckpt).to(self.sw_device)
         del ckpt
-        self.transform = build_preprocess(self.preprocessing)
+        self.transform = infer_transforms(self.preprocessing)
         self.invert_probabilities = build_inverter(self.transform, nearest=False)
         self.invert_labels = build_inverter(self.transform, nearest=True)
 
@@ -290,14 +299,14 @@ class Segmenter:
         try:
             data = self.transform({"image": str(path)})
         except Exception as exc:
+            cause = _innermost(exc)
+            if isinstance(cause, DataError):  # app.data's checks (NaN, channels) say "<path>: <problem>"
+                raise FileError(str(cause).removeprefix(f"{path}: ")) from exc
             raise FileError(f"cannot load/pre-process ({_one_line(exc)})") from exc
         image = data["image"]
         spatial = tuple(image.shape[1:])
         if min(spatial) == 0:
             raise FileError("pre-processing left an empty volume (no foreground to crop?)")
-        bad = int((~torch.isfinite(image)).sum())
-        if bad:
-            raise FileError(f"image holds {bad} NaN/inf values after pre-processing; replace them (e.g. by 0) first")
         logits = self._predict(image, spatial)
 
         lab = logits.argmax(dim=0, keepdim=True).float() if self.options.resample == "labels" else None
