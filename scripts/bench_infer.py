@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import sys
 import tempfile
@@ -38,26 +37,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from app.bench.common import environment_info
 from app.infer import infer_files
 from app.infer.predict import WindowSettings, predict_logits, resolve_amp, resolve_device, stitch_bytes
 from app.models import build_model, save_checkpoint
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    """Versions and hardware the numbers were measured on."""
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware the numbers were measured on: :func:`app.bench.common.environment_info` plus MONAI."""
     import monai
 
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "cpu threads": str(torch.get_num_threads()),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = str(torch.version.cuda)
-        env["cudnn"] = str(torch.backends.cudnn.version())
-    return env
+    return {**environment_info(device), "monai": monai.__version__}
 
 
 def synthetic_volume(size: Sequence[int], seed: int = 0) -> np.ndarray:

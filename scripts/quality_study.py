@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from app.bench.common import environment
 from app.models import load_checkpoint
 from app.train import config_dir, train
 
@@ -56,15 +56,6 @@ TASKS = ("synthetic", "mni")
 SKETCH_MODIFIERS = {"offset": ("sketch", "offset"), "shifted": ("sketch", "shifted"), "gaussian": ("probes", "gaussian"),
                     "orthogonal": ("probes", "orthogonal"), "rademacher": ("probes", "rademacher"),
                     "nocv": ("control", "none")}
-
-
-def environment() -> str:
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    if torch.cuda.is_available():
-        parts += [torch.cuda.get_device_name(), f"CUDA {torch.version.cuda}", f"cuDNN {torch.backends.cudnn.version()}"]
-    else:
-        parts += [f"CPU {platform.processor() or platform.machine()}", f"{torch.get_num_threads()} threads"]
-    return ", ".join(parts)
 
 
 def config_overrides(name: str) -> list[str]:

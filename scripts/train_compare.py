@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from app.bench.common import environment_info
 from app.models import load_checkpoint
 from app.train import config_dir, train
-
-
-def environment() -> dict[str, Any]:
-    """Versions and device next to the numbers."""
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    if torch.cuda.is_available():
-        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return env
 
 
 def run_one(n_probes: int, out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     probes = [int(p) for p in args.probes.split(",")]
     rows = [run_one(r, args.out / f"probes_{r}", args.overrides) for r in probes]
-    report = {"environment": environment(), "overrides": args.overrides, "runs": rows}
+    report = {"environment": environment_info(), "overrides": args.overrides, "runs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(report, indent=2))
     text = f"{table(rows)}\n\nEnvironment: {json.dumps(report['environment'])}\nOverrides: {' '.join(args.overrides)}\n"

@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from app.bench import memory
+from app.bench.common import environment, environment_info
 from app.bench.__main__ import COMMANDS
 from app.bench.__main__ import main as bench_main
 from app.plan import StepStats
@@ -24,6 +26,14 @@ def tiny_model(monkeypatch):
 
 def test_registered():
     assert COMMANDS["memory"][0] == "app.bench.memory"
+
+
+def test_environment_line_and_data_agree():
+    info = environment_info()
+    assert environment().startswith(f"torch {info['torch']}, python {info['python']}, ")
+    assert ("gpu" in info) == torch.cuda.is_available()
+    assert set(environment_info(torch.device("cpu"))) == {"python", "torch", "cpu", "threads"}
+    json.dumps(info)
 
 
 def test_cpu_run_writes_table_markdown_and_png(tmp_path, capsys, tiny_model):

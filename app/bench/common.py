@@ -11,13 +11,39 @@ from typing import Any
 import torch
 
 
+def environment_info(device: torch.device | None = None) -> dict[str, Any]:
+    """The machine and software the numbers were measured on, as plain data for JSON reports.
+
+    Args:
+        device: where the numbers were measured. Default None: the current CUDA device when CUDA
+            is available, else the CPU. A CPU device leaves the GPU keys out.
+
+    Returns:
+        ``python``, ``torch``, ``cpu`` and ``threads`` (torch's intra-op threads); on a CUDA
+        device also ``gpu`` (name), ``cuda`` (version) and ``cudnn`` (version number).
+    """
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if on_gpu:
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
 def environment() -> str:
-    """One line naming the machine and software the numbers were measured on."""
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    if torch.cuda.is_available():
-        parts += [torch.cuda.get_device_name(), f"CUDA {torch.version.cuda}", f"cuDNN {torch.backends.cudnn.version()}"]
+    """One line naming the machine and software the numbers were measured on (:func:`environment_info`)."""
+    info = environment_info()
+    parts = [f"torch {info['torch']}", f"python {info['python']}"]
+    if "gpu" in info:
+        parts += [info["gpu"], f"CUDA {info['cuda']}", f"cuDNN {info['cudnn']}"]
     else:
-        parts += [f"CPU {platform.processor() or platform.machine()}", f"{torch.get_num_threads()} threads"]
+        parts += [f"CPU {info['cpu']}", f"{info['threads']} threads"]
     return ", ".join(parts)
 
 
