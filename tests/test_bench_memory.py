@@ -12,7 +12,7 @@ from app.bench import memory
 from app.bench.common import environment, environment_info
 from app.bench.__main__ import COMMANDS
 from app.bench.__main__ import main as bench_main
-from app.plan import StepStats
+from app.plan import StepStats, plan
 
 TINY = {"name": "dynunet", "in_channels": 1, "out_channels": 2, "spacing": [1.0, 1.0, 1.0],
         "base_features": 4, "max_features": 16, "max_depth": 3}
@@ -58,6 +58,21 @@ def test_cpu_run_writes_table_markdown_and_png(tmp_path, capsys, tiny_model):
     exact = next(r for r in raw["rows"] if r["edge"] == 24 and r["variant"] == "exact")
     assert 0 < stoch["saved_bytes"] < exact["saved_bytes"]
     assert stoch["step_seconds"] > 0 and stoch["peak_bytes"] is None
+
+
+def test_planner_reuses_the_bench_measurements(tmp_path, tiny_model):
+    """The bench and the planner key their shared calibration cache the same way."""
+    cache = tmp_path / "cache.json"
+    assert memory.main(["--models", "tiny", "--sizes", "16", "32", "--variants", "exact", "--repeat", "1",
+                        "--out", str(tmp_path / "bench"), "--cache", str(cache)]) == 0
+
+    def not_cached(patch):
+        raise AssertionError(f"{patch} measured again: the bench's cache entry was not found")
+
+    result = plan(TINY, 1.0, (1.0, 1.0, 1.0), "exact", device="cpu", max_edge=32, edge_step=16, cache=cache,
+                  measure_fn=not_cached)
+    assert result.patch_size == (32, 32, 32)
+    assert result.trials and all(t.extra["source"] == "cached" for t in result.trials)
 
 
 def test_oom_rows_and_larger_sizes_skipped(tmp_path, tiny_model, monkeypatch):

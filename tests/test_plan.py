@@ -169,6 +169,18 @@ def test_measure_step_reports_out_of_memory(monkeypatch):
     assert s.status == "oom" and not s.fits and "out of memory" in s.reason
 
 
+def test_measure_step_raises_other_failures_or_reports_them(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("no kernel for\nthis size")
+
+    monkeypatch.setattr("app.plan.measure._run", boom)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        measure_step(TINY, patch_size=(16, 16, 16), device="cpu")
+    s = measure_step(TINY, patch_size=(16, 16, 16), device="cpu", report_errors=True)
+    assert s.status == "error" and not s.fits and s.reason == "RuntimeError: no kernel for this size"
+    assert s.patch_size == (16, 16, 16) and s.variant == "exact"
+
+
 def test_measure_step_rejects_unknown_variant():
     with pytest.raises(ValueError, match="'turbo'"):
         measure_step(TINY, patch_size=(16, 16, 16), variant="turbo", device="cpu")

@@ -52,10 +52,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds, synchronising the device around each call."""
-    for _ in range(warmup):
-        fn()
+def timed_calls(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[float]:
+    """Wall time in seconds of each of ``repeat`` calls of ``fn()``, synchronising the device around each."""
     times = []
     for _ in range(repeat):
         synchronize(device)
@@ -63,7 +61,14 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeat: int = 5, wa
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed calls (:func:`timed_calls`)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed_calls(fn, device, repeat))
 
 
 def reset_peak(device: torch.device) -> int:

@@ -32,16 +32,7 @@ from typing import Any
 import torch
 
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
-from app.plan.measure import (
-    GIB,
-    OK,
-    OOM,
-    StepStats,
-    device_name,
-    is_out_of_memory,
-    measure_step,
-    model_config_for_patch,
-)
+from app.plan.measure import ERROR, GIB, OK, OOM, StepStats, device_name, measure_step
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
 from app.plan.variants import COMPONENTS, parse_variant
 
@@ -68,16 +59,11 @@ def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, devi
              cache: CalibrationCache) -> StepStats:
     cfg = BENCH_MODELS[model]
     patch = (edge, edge, edge)
-    try:
-        stats = measure_step(cfg, patch_size=patch, batch_size=args.batch_size, variant=variant, n_probes=args.n_probes,
-                             device=device, warmup=args.warmup, repeat=args.repeat, memory_cap_gib=args.cap_gib)
-    except RuntimeError as exc:  # not OOM (measure_step reports that): e.g. a kernel refusing the size
-        if is_out_of_memory(exc):
-            raise
-        return StepStats(variant, patch, args.batch_size, status="error", device=device_name(device),
-                         reason=" ".join(str(exc).split())[:120])
+    stats = measure_step(cfg, patch_size=patch, batch_size=args.batch_size, variant=variant, n_probes=args.n_probes,
+                         device=device, warmup=args.warmup, repeat=args.repeat, memory_cap_gib=args.cap_gib,
+                         report_errors=True)
     key, fields = cache_key(
-        model_config=model_config_for_patch(cfg, patch), device=stats.device, variant=stats.variant, patch_size=patch,
+        model_config=cfg, device=stats.device, variant=stats.variant, patch_size=patch,
         batch_size=args.batch_size, n_probes=args.n_probes,
     )
     cache.store(key, fields, stats, None if args.cap_gib is None else args.cap_gib * GIB)
@@ -99,7 +85,7 @@ def run(args: argparse.Namespace, device: torch.device,
                                       reason="not run: a smaller size did not fit")
                 else:
                     stats = _measure(model, edge, variant, args, device, cache)
-                if stats.status in (OOM, "error"):
+                if stats.status in (OOM, ERROR):
                     failed[model].add(variant)
                 rows.append({"model": model, "edge": edge, **stats.to_dict()})
                 if on_row is not None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from app.plan.measure import OK, OOM, StepStats
+from app.plan.measure import OK, OOM, StepStats, model_config_for_patch
 
 __all__ = ["CACHE_ENV", "CACHE_VERSION", "CalibrationCache", "cache_key", "default_cache_path"]
 
@@ -65,10 +65,15 @@ def cache_key(
     sketch_options: Mapping[str, Any] | None = None,
     timed: bool = True,
 ) -> tuple[str, dict[str, Any]]:
-    """``(hash, fields)`` of one measurement; ``fields`` is stored next to the result for humans."""
+    """``(hash, fields)`` of one measurement; ``fields`` is stored next to the result for humans.
+
+    ``model_config`` is resolved for ``patch_size`` here (:func:`~app.plan.measure.model_config_for_patch`,
+    the network :func:`~app.plan.measure.measure_step` builds), so the planner and ``python -m app.bench
+    memory``, which share the cache, key a measurement the same way.
+    """
     fields = {
         "version": CACHE_VERSION,
-        "model_config": model_config,
+        "model_config": model_config_for_patch(model_config, patch_size),
         "device": device,
         "torch": torch.__version__,
         "variant": variant,

@@ -29,7 +29,6 @@ import gc
 import math
 import platform
 import statistics
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 import app.nn
-from app.bench.common import peak_since, reset_peak, synchronize
+from app.bench.common import peak_since, reset_peak, synchronize, timed_calls
 from app.models import build_model, resolve_model_config
 from app.plan.variants import Variant, lean_available, parse_variant
 
@@ -239,13 +238,7 @@ def _run(
         for _ in range(warmup):
             step()
         reset_peak(device)
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    if repeat > 0:
+        times = timed_calls(step, device, repeat)
         peak = peak_since(device, base)
     voxels = batch_size * math.prod(patch)
     return StepStats(
@@ -269,6 +262,7 @@ def measure_step(
     memory_cap_gib: float | None = None,
     sketch_options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    report_errors: bool = False,
 ) -> StepStats:
     """Measure one training step (forward, DiceCE loss, backward, AdamW step) of a network.
 
@@ -291,15 +285,19 @@ def measure_step(
         sketch_options: other ``app.nn.convert`` options (``probes``, ``sketch``, ``control``,
             ``min_voxels``, ``include``, ``exclude``).
         seed: seeds the weights and the random input/label (the global RNG is left untouched).
+        report_errors: return a failure other than out-of-memory (e.g. a kernel refusing a
+            tensor this large) as ``status="error"`` instead of raising it, as searches and
+            benchmark tables want: that size does not train either. Default False.
 
     Returns:
         The :class:`StepStats`; out-of-memory gives ``status="oom"`` and an unavailable variant
-        ``status="unavailable"`` instead of raising.
+        ``status="unavailable"`` instead of raising (other failures ``status="error"`` with
+        ``report_errors``).
 
     Raises:
         ValueError: an unknown variant (naming it and listing the valid ones) or a patch size
             the network cannot take.
-        RuntimeError: failures other than out-of-memory.
+        RuntimeError: failures other than out-of-memory (unless ``report_errors``).
 
     Examples:
         >>> cfg = {"name": "unet", "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2]}
@@ -331,9 +329,12 @@ def measure_step(
             else:
                 raise
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
+            if is_out_of_memory(exc):
+                failure = (OOM, _first_line(exc))
+            elif report_errors:
+                failure = (ERROR, _first_line(exc))
+            else:
                 raise
-            failure = (OOM, _first_line(exc))
         # the traceback (and the tensors its frames hold) is gone here: memory can be freed
         free_memory(dev)
     if failure is not None:

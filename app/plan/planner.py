@@ -40,7 +40,6 @@ from app.plan.measure import (
     OOM,
     StepStats,
     device_name,
-    is_out_of_memory,
     measure_step,
     model_config_for_patch,
 )
@@ -366,7 +365,7 @@ def plan(
 
     def cached(patch: tuple[int, ...], fn: Callable[[], StepStats], cap: float | None, timed: bool = True) -> StepStats:
         key, fields = cache_key(
-            model_config=model_config_for_patch(cfg, patch), device=name, variant=v.name, patch_size=patch,
+            model_config=cfg, device=name, variant=v.name, patch_size=patch,
             batch_size=batch_size, n_probes=n_probes, sketch_options=options, timed=timed,
         )
         hit = store.lookup(key, cap)
@@ -379,16 +378,11 @@ def plan(
         return stats
 
     def measured(patch: tuple[int, ...]) -> StepStats:
-        try:
-            return measure_step(
-                cfg, patch_size=patch, batch_size=batch_size, variant=v, n_probes=n_probes, device=dev,
-                warmup=warmup, repeat=repeat, memory_cap_gib=budget_gib if dev.type == "cuda" else None,
-                sketch_options=options,
-            )
-        except RuntimeError as exc:  # e.g. a kernel refusing a tensor this large: does not train either
-            if is_out_of_memory(exc):
-                raise
-            return StepStats(v.name, patch, batch_size, status=ERROR, device=name, reason=" ".join(str(exc).split())[:200])
+        return measure_step(
+            cfg, patch_size=patch, batch_size=batch_size, variant=v, n_probes=n_probes, device=dev,
+            warmup=warmup, repeat=repeat, memory_cap_gib=budget_gib if dev.type == "cuda" else None,
+            sketch_options=options, report_errors=True,
+        )
 
     if measure_fn is not None:
         def probe(patch: tuple[int, ...]) -> StepStats:
