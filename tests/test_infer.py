@@ -83,6 +83,19 @@ def perfect_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def with_preprocessing(ckpt_path: Path, out: Path, preprocessing: dict) -> Path:
+    """A copy of a checkpoint with other pre-processing settings."""
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    save_checkpoint(
+        out,
+        model_state=ckpt["model_state"],
+        model_config=ckpt["model_config"],
+        preprocessing=preprocessing,
+        class_names=CLASSES,
+    )
+    return out
+
+
 def interior(labels: np.ndarray) -> np.ndarray:
     """Voxels whose 3x3x3 neighbourhood holds a single label (away from class boundaries)."""
     keep = np.ones(labels.shape, bool)
@@ -183,15 +196,7 @@ def test_perfect_model_with_foreground_crop_and_probabilities(tmp_path: Path, pe
     img = smooth_image()
     img[:4] = 0.0  # a zero border: cropped away, must come back as background
     truth = truth_labels(img)
-    ckpt = torch.load(perfect_ckpt, weights_only=True)
-    cropped = tmp_path / "crop.pt"
-    save_checkpoint(
-        cropped,
-        model_state=ckpt["model_state"],
-        model_config=ckpt["model_config"],
-        preprocessing={**PRE_PERFECT, "crop_foreground": True},
-        class_names=CLASSES,
-    )
+    cropped = with_preprocessing(perfect_ckpt, tmp_path / "crop.pt", {**PRE_PERFECT, "crop_foreground": True})
     src = save_nifti(tmp_path / "case.nii", img)
     [res] = infer_files(cropped, [src], tmp_path / "out", save_probabilities=True, tta=True)
     assert res.status == "ok", res.message
@@ -378,15 +383,7 @@ def test_model_sees_what_validation_in_training_sees(
     src = save_nifti(tmp_path / "case.nii.gz", img)
     lab = save_nifti(tmp_path / "case_label.nii.gz", truth_labels(img).astype(np.uint8))
     full = {"orientation": "RAS", "in_channels": 1, **pre}
-    ckpt = torch.load(perfect_ckpt, weights_only=True)
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(
-        path,
-        model_state=ckpt["model_state"],
-        model_config=ckpt["model_config"],
-        preprocessing=full,
-        class_names=CLASSES,
-    )
+    path = with_preprocessing(perfect_ckpt, tmp_path / "ckpt.pt", full)
     seen: list[torch.Tensor] = []
     real = engine.predict_logits
 
