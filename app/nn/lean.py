@@ -33,10 +33,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     bits = flat.view(torch.uint8).view(-1, 8)
-    packed = bits[:, 0].clone()
-    for i in range(1, 8):
-        packed |= bits[:, i] << i
-    return packed
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * weights).sum(1, dtype=torch.uint8)  # distinct powers of two: no overflow
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
