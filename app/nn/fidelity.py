@@ -238,8 +238,7 @@ def _untouched(model: nn.Module) -> Iterator[Callable[[], None]]:
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    with _probes._seed_lock:
-        stream = _probes._seed_stream.getstate()
+    stream = _probes.seed_state()
     with torch.random.fork_rng(devices=[index] if cuda else []):
         cpu_state = torch.get_rng_state()
         cuda_state = torch.cuda.get_rng_state(index) if cuda else None
@@ -255,8 +254,7 @@ def _untouched(model: nn.Module) -> Iterator[Callable[[], None]]:
             with torch.no_grad():
                 for buf, saved in buffers:
                     buf.copy_(saved)
-            with _probes._seed_lock:
-                _probes._seed_stream.setstate(stream)
+            _probes.set_seed_state(stream)
 
 
 @contextlib.contextmanager

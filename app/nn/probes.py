@@ -33,6 +33,18 @@ def manual_seed(seed: int) -> None:
         _seed_stream.seed(int(seed))
 
 
+def seed_state() -> tuple:
+    """The state of the per-call seed stream (for :func:`set_seed_state`)."""
+    with _seed_lock:
+        return _seed_stream.getstate()
+
+
+def set_seed_state(state: tuple) -> None:
+    """Restores a state returned by :func:`seed_state`."""
+    with _seed_lock:
+        _seed_stream.setstate(state)
+
+
 def next_seed() -> int:
     """Returns a fresh 63-bit seed from the private stream (thread-safe)."""
     with _seed_lock:
