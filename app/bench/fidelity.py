@@ -9,7 +9,8 @@ noise SGD already lives with. Prints markdown tables headed by the environment a
 ``fidelity.md``, ``fidelity.json`` and ``fidelity.png`` (relative error per layer against depth, one
 line per estimator and ``r``, SGD noise dashed) to ``--out``.
 
-Estimator names: a sketch (``shifted``, ``offset``) followed by optional ``-gaussian`` /
+Estimator names: a sketch (``auto``: the layers' default, offset for strided convolutions and
+shifted otherwise; ``shifted``; ``offset``) followed by optional ``-gaussian`` /
 ``-orthogonal`` / ``-rademacher`` (probe family, default rademacher) and ``-nocv`` (no control
 variate), e.g. ``shifted``, ``offset``, ``shifted-gaussian``, ``shifted-orthogonal``, ``shifted-nocv``.
 
@@ -42,27 +43,28 @@ from .common import MIB, environment, markdown_table
 
 __all__ = ["ESTIMATOR_DEFAULTS", "estimator_options", "fidelity_figures", "plot_fidelity", "run", "main"]
 
-ESTIMATOR_DEFAULTS = ["shifted", "offset", "shifted-gaussian", "shifted-orthogonal", "shifted-nocv"]
+ESTIMATOR_DEFAULTS = ["auto", "shifted", "offset", "shifted-gaussian", "shifted-orthogonal", "shifted-nocv"]
 
 
-def estimator_options(name: str) -> dict[str, str]:
+def estimator_options(name: str) -> dict[str, Optional[str]]:
     """``set_sketch_options`` keywords of an estimator name such as ``shifted-orthogonal`` or ``offset-nocv``.
 
     Raises:
         ValueError: unknown sketch or modifier (with a did-you-mean).
     """
     tokens = name.lower().split("-")
-    words = list(SKETCHES) + list(PROBE_FAMILIES) + ["nocv"]
+    sketches = ["auto", *SKETCHES]
+    words = sketches + list(PROBE_FAMILIES) + ["nocv"]
 
     def bad(token: str, allowed: Sequence[str]) -> ValueError:
         close = difflib.get_close_matches(token, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return ValueError(f"estimator {name!r}: unknown part {token!r}{hint}; an estimator is a sketch "
-                          f"{list(SKETCHES)} followed by optional -{'/-'.join(PROBE_FAMILIES)} and -nocv")
+                          f"{sketches} followed by optional -{'/-'.join(PROBE_FAMILIES)} and -nocv")
 
-    if tokens[0] not in SKETCHES:
+    if tokens[0] not in sketches:
         raise bad(tokens[0], words)
-    options = {"sketch": tokens[0], "probes": "rademacher", "control": "mean"}
+    options = {"sketch": None if tokens[0] == "auto" else tokens[0], "probes": "rademacher", "control": "mean"}
     for token in tokens[1:]:
         if token in PROBE_FAMILIES:
             options["probes"] = token
