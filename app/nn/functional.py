@@ -399,7 +399,8 @@ def _make_conv(dims: int):
         n_probes: probes ``r`` of the trace estimator; ``0`` means exact backprop.
         probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (Hadamard blocks, ``r`` a power of 2).
         sketch: ``"shifted"`` (default: keeps ``r·C_in`` numbers) or ``"offset"`` (keeps ``r·C_in·K``);
-            same error at equal ``r``, and ``"shifted"`` is faster on the GPU (docs/benchmarks.md).
+            same error at equal ``r`` for stride 1, where ``"shifted"`` is faster on the GPU; for
+            strided convolutions ``"offset"`` has the lower error (docs/benchmarks.md).
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         seed: probe seed; ``None`` draws one from ``app.nn.manual_seed``'s stream (never torch's global RNG).
 
