@@ -57,16 +57,15 @@ class _SignMaskActivation(torch.autograd.Function):
         ctx.save_for_backward(pack_bits(positive))
         if inplace:
             ctx.mark_dirty(x)
-            return x.mul_(torch.where(positive, 1.0, slope).to(x.dtype)) if slope else x.masked_fill_(~positive, 0)
-        return torch.where(positive, x, x * slope)
+            return F.leaky_relu_(x, slope)
+        return F.leaky_relu(x, slope)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         (packed,) = ctx.saved_tensors
         positive = unpack_bits(packed, ctx.shape)
-        if ctx.slope:
-            return grad_y * torch.where(positive, 1.0, ctx.slope).to(grad_y.dtype), None, None
-        return grad_y.masked_fill(~positive, 0), None, None
+        grad_x = grad_y * ctx.slope
+        return torch.where(positive, grad_y, grad_x, out=grad_x), None, None
 
 
 def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
