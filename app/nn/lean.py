@@ -94,21 +94,26 @@ class _LeanNorm(torch.autograd.Function):
         batch, channels = x.shape[:2]
         compute = torch.promote_types(x.dtype, torch.float32)
         if mode == "group":
-            view = x.to(compute).view(batch, groups, -1)
+            view = x.to(compute).reshape(batch, groups, -1)
             var, mean = torch.var_mean(view, dim=2, unbiased=False, keepdim=True)
         else:
-            view = x.to(compute).view(batch, channels, -1)
+            view = x.to(compute).reshape(batch, channels, -1)
             var, mean = torch.var_mean(view, dim=(0, 2), unbiased=False, keepdim=True)
             if stats_out is not None:
                 stats_out += [mean.view(-1), var.view(-1), view.shape[0] * view.shape[2]]
         invstd = torch.rsqrt(var + eps)
-        x_hat = (view - mean).mul_(invstd).view_as(x)
+        x_hat = torch.empty(x.shape, dtype=compute, device=x.device)  # a base tensor, not a view: it may become the output
+        torch.sub(view, mean, out=x_hat.view(view.shape)).mul_(invstd)
+        kept = x_hat.to(storage)
+        # With reduced-precision storage the full-precision x̂ is free to become the output in place.
+        y = x_hat if kept.data_ptr() != x_hat.data_ptr() else x_hat.clone()
         shape = (1, channels) + (1,) * (x.dim() - 2)
-        y = x_hat * weight.to(compute).view(shape) if weight is not None else x_hat.clone()
+        if weight is not None:
+            y.mul_(weight.to(compute).view(shape))
         if bias is not None:
             y.add_(bias.to(compute).view(shape))
         ctx.mode, ctx.groups, ctx.has_weight, ctx.has_bias = mode, groups, weight is not None, bias is not None
-        ctx.save_for_backward(x_hat.to(storage), invstd, weight)
+        ctx.save_for_backward(kept, invstd, weight)
         return y.to(x.dtype)
 
     @staticmethod
