@@ -155,10 +155,13 @@ def test_probe_families_have_identity_second_moment(probes):
     torch.testing.assert_close(second.diagonal(), torch.ones(second.shape[0]), atol=0.2, rtol=0)
     off = second - torch.diag(second.diagonal())
     assert off.abs().max() < 0.2
-    if probes == "orthogonal":  # columns are exactly orthogonal when the last dim is a multiple of r
-        z = samples[:r]
-        gram = z @ z.t()
-        torch.testing.assert_close(gram, torch.eye(r) * z.shape[1])
+    if probes == "orthogonal":  # columns exactly orthogonal when the trailing dims hold a multiple of r
+        for shape in [spatial, (4, 2, 4), (3, 2, 2)]:  # last dim >= r; last two hold r; all three hold 12 (not 8k)
+            z = generate_block(probes, 0, r, (0, r), 1, shape, torch.device("cpu"), torch.float32).reshape(r, -1)
+            gram = z @ z.t()
+            if math.prod(shape) % r == 0:
+                torch.testing.assert_close(gram, torch.eye(r) * z.shape[1])
+            assert torch.linalg.matrix_rank(z) == min(r, z.shape[1])
 
 
 def test_saved_state_is_under_one_percent_and_does_not_grow():

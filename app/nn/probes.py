@@ -10,6 +10,7 @@ global random state is never read or written.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -115,9 +116,10 @@ def generate_block(
     Families:
         ``rademacher``: independent ±1 entries.
         ``gaussian``: independent standard normal entries.
-        ``orthogonal``: ``Z[n, j] = σ_n H[w_n mod r, j]`` with Rademacher signs ``σ`` shared by all
+        ``orthogonal``: ``Z[n, j] = σ_n H[t_n mod r, j]`` with Rademacher signs ``σ`` shared by all
         columns and ``H`` the ``r × r`` Hadamard matrix indexed by the last spatial coordinate ``w``;
-        the columns are exactly orthogonal when the last dimension is a multiple of ``r``.
+        ``t_n`` the index of ``n`` within the fewest trailing spatial dimensions holding ``r`` voxels;
+        the columns are exactly orthogonal when those dimensions hold a multiple of ``r`` voxels.
     """
     start, stop = block
     shape = (batch, stop - start, *spatial)
@@ -126,10 +128,15 @@ def generate_block(
         gen.manual_seed(_mix(seed, 0))
         signs = torch.empty((batch, 1, *spatial), device=device, dtype=dtype).bernoulli_(0.5, generator=gen)
         signs.mul_(2).sub_(1)
-        width = spatial[-1]
+        # Index the Hadamard rows by the flattened trailing dimensions, as few as reach r voxels,
+        # so small deep-layer grids (last dimension < r) still use every row.
+        trailing = len(spatial) - 1
+        while trailing > 0 and math.prod(spatial[trailing:]) < n_probes:
+            trailing -= 1
+        tail = tuple(spatial[trailing:])
         pattern = _hadamard_columns(n_probes, start, stop, device, dtype)  # (rb, r)
-        pattern = pattern[:, torch.arange(width, device=device) % n_probes]  # (rb, W)
-        pattern = pattern.view(1, stop - start, *([1] * (len(spatial) - 1)), width)
+        pattern = pattern[:, torch.arange(math.prod(tail), device=device) % n_probes]  # (rb, prod(tail))
+        pattern = pattern.view(1, stop - start, *([1] * trailing), *tail)
         return signs * pattern
     gen.manual_seed(_mix(seed, start + 1))
     if family == "rademacher":
