@@ -277,10 +277,12 @@ def _estimate_weight_grad(grad_y: torch.Tensor, sketch_p: torch.Tensor, mu: Opti
     return grad_w.reshape(c_out, cig, *kernel)
 
 
-def _check_sketch_options(n_probes: int, probes: str, sketch: str, control: str) -> None:
+def check_sketch_options(n_probes: int, probes: str, sketch: Optional[str], control: str) -> None:
+    """Raises ``ValueError`` naming the option when a sketch option is not usable
+    (``sketch=None``, the modules' per-layer default, is accepted)."""
     check_probe_options(n_probes, probes)
-    if sketch not in SKETCHES:
-        raise ValueError(f"sketch must be one of {list(SKETCHES)}, but got sketch={sketch!r}")
+    if sketch is not None and sketch not in SKETCHES:
+        raise ValueError(f"sketch must be one of {list(SKETCHES)} (or None: per-layer default), but got sketch={sketch!r}")
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {list(CONTROLS)}, but got control={control!r}")
 
@@ -302,12 +304,7 @@ def _resolve_padding(
     total = [d * (k - 1) for d, k in zip(dilation, kernel)]
     left = tuple(t // 2 for t in total)
     extra = [t - 2 * l for t, l in zip(total, left)]
-    if any(extra):
-        pad: list[int] = []
-        for e in reversed(extra):
-            pad += [0, e]
-        x = F.pad(x, pad)
-    return x, left
+    return _pad_end(x, extra), left
 
 
 def _autocast_inputs(
@@ -344,7 +341,7 @@ def _apply(
         raise ValueError(f"{name} expects input of shape (B, C, {', '.join('DHW'[3 - dims:])}), but got shape {tuple(x.shape)}")
     if sketch is None:
         sketch = "shifted"
-    _check_sketch_options(n_probes, probes, sketch, control)
+    check_sketch_options(n_probes, probes, sketch, control)
     if transposed and sketch == "offset":
         raise ValueError(f"{name}: sketch='offset' is not available for transposed convolutions (their input is the "
                          "small side, so the input-grid sketch is both smaller and exact); use sketch='shifted'")

@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .functional import CONTROLS, SKETCHES, _apply
-from .probes import check_probe_options
+from .functional import _apply, check_sketch_options
 
 
 class StochasticConvMixin:
@@ -37,14 +36,9 @@ class StochasticConvMixin:
         min_voxels: int = 0,
     ) -> None:
         """Validates and sets the sketch options (``sketch=None``: the layer kind's default)."""
-        check_probe_options(n_probes, probes)
-        transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
-        if sketch is not None and sketch not in SKETCHES:
-            raise ValueError(f"sketch must be one of {list(SKETCHES)} or None, but got sketch={sketch!r}")
-        if transposed and sketch == "offset":
+        check_sketch_options(n_probes, probes, sketch, control)
+        if isinstance(self, nn.modules.conv._ConvTransposeNd) and sketch == "offset":
             sketch = "shifted"  # the only sketch of a transposed convolution (see functional)
-        if control not in CONTROLS:
-            raise ValueError(f"control must be one of {list(CONTROLS)}, but got control={control!r}")
         if min_voxels < 0:
             raise ValueError(f"min_voxels must be >= 0, but got min_voxels={min_voxels}")
         self.n_probes, self.probes, self.sketch, self.control, self.min_voxels = n_probes, probes, sketch, control, min_voxels
