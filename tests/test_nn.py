@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -183,6 +185,24 @@ def test_saved_state_is_under_one_percent_and_does_not_grow():
     assert exact_bytes >= 4 * 32 * 64**3  # the input itself
     assert stochastic_bytes < 0.01 * exact_bytes, (stochastic_bytes, exact_bytes)
     assert saved(layer, 24) == stochastic_bytes
+
+
+def test_saved_tensor_counter_frees_the_graph():
+    """Counting must not keep the forward graph alive: ops that save their own output (sigmoid)
+    would otherwise form a cycle through C++ that gc cannot collect (the planner's cap anomaly)."""
+    x = torch.randn(4, 8, requires_grad=True)
+    with snn.SavedTensorCounter() as counter:
+        y = torch.sigmoid(x)
+        z = y.exp().sum()
+    assert counter.bytes >= 2 * 4 * 8 * 4  # sigmoid's output and exp's output
+    alive = weakref.ref(y)
+    del y, z  # no backward: it would release the saved tensors and hide a cycle
+    gc.collect()
+    assert alive() is None
+    with snn.SavedTensorCounter():
+        z = torch.sigmoid(x).exp().sum()
+    z.backward()  # the counted graph still differentiates correctly
+    torch.testing.assert_close(x.grad, torch.sigmoid(x) * (1 - torch.sigmoid(x)) * torch.sigmoid(x).exp())
 
 
 def test_probe_blocks_never_exceed_the_output_size():

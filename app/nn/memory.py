@@ -30,7 +30,10 @@ class SavedTensorCounter:
         ptr = storage.data_ptr()
         if ptr not in self._ignore:
             self._seen[(str(t.device), ptr)] = storage.nbytes()
-        return t
+        # Not ``t`` itself: when ``t`` is the op's own output, the graph would hold its output
+        # (and that its grad_fn) through C++, a cycle Python's gc cannot see, and the whole
+        # forward graph would never be freed. A detached alias has the same storage and no grad_fn.
+        return t.detach()
 
     @property
     def bytes(self) -> int:

@@ -179,7 +179,7 @@ def model_config_for_patch(model_cfg: Mapping[str, Any], patch_size: Sequence[in
 
 def _first_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:600]}" if text else type(exc).__name__
 
 
 def _build(cfg: dict[str, Any], v: Variant, n_probes: int, sketch_options: Mapping[str, Any], seed: int) -> torch.nn.Module:
