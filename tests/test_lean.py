@@ -136,3 +136,218 @@ def test_stochastic_lean_dynunet_saves_a_fraction_of_exact():
 def test_convert_rejects_unknown_lean_storage():
     with pytest.raises(ValueError, match="lean_storage"):
         snn.convert(torch.nn.ReLU(), lean=True, lean_storage="int8")
+
+
+# ------------------------------------------------------------------------- PReLU and GELU
+
+# Inputs with the cases where keeping a rounded copy could flip the branch: exact zeros of both signs,
+# and positive values that round to zero in float16 (1e-9) or even in bfloat16 (1e-45, an fp32
+# denormal). Torch takes the slope branch for x <= 0 and the identity branch for x > 0.
+SIGN_EDGES = [0.0, -0.0, 1e-45, -1e-45, 1e-9, -1e-9]
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def _activation_input(shape=(2, 3, 5, 6, 7), seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(shape)
+    x.view(-1)[: len(SIGN_EDGES)] = torch.tensor(SIGN_EDGES)
+    return x
+
+
+def _grads(fn, x, params, gy):
+    x = x.clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in params]
+    y = fn(x, *params)
+    return (y, *torch.autograd.grad(y, [x, *params], gy))
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_parameters", [1, 3])
+def test_lean_prelu_input_gradient_is_exact_and_slope_gradient_within_storage_rounding(num_parameters, storage):
+    x = _activation_input()
+    weight = torch.rand(num_parameters) * 0.5
+    gy = torch.randn_like(x)
+    y, gx, gw = _grads(lambda x_, w_: snn.lean_prelu(x_, w_, storage), x, [weight], gy)
+    y_ref, gx_ref, gw_ref = _grads(F.prelu, x, [weight], gy)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(gx, gx_ref)  # the kept copy decides x > 0 exactly, also for zeros and tiny inputs
+    # dA = Σ g·x·[x ≤ 0] from x rounded to storage: each term off by ≤ u·|g·x|; fp32 sums add ≤ 1e-5 of Σ|g·x|
+    dims = [0, 2, 3, 4] if num_parameters > 1 else [0, 1, 2, 3, 4]
+    scale = (gy * x).abs().where(x <= 0, 0).sum(dims).reshape(weight.shape)
+    assert ((gw - gw_ref).abs() <= (UNIT_ROUNDOFF[storage] + 1e-5) * scale).all(), (gw, gw_ref)
+    assert not torch.equal(gw, gw_ref)  # it really used the rounded copy
+
+
+@pytest.mark.parametrize("num_parameters", [1, 3])
+def test_lean_prelu_with_float32_storage_is_torch(num_parameters):
+    x = _activation_input()
+    weight = torch.rand(num_parameters) * 0.5
+    gy = torch.randn_like(x)
+    y, gx, gw = _grads(lambda x_, w_: snn.lean_prelu(x_, w_, torch.float32), x, [weight], gy)
+    y_ref, gx_ref, gw_ref = _grads(F.prelu, x, [weight], gy)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)  # only the summation order may differ
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_lean_gelu_gradient_within_bf16_bound(approximate):
+    """dx = g·GELU'(x̃) with |x̃ − x| ≤ 2⁻⁸|x|: |dx − dx_torch| ≤ |g|·max|t·GELU''(t)|·2⁻⁸, and
+    max|t·GELU''(t)| = 0.3313 (erf) / 0.3309 (tanh), at t ≈ −0.66 (computed in float64)."""
+    x = _activation_input()
+    gy = torch.randn_like(x)
+    y, gx = _grads(lambda x_: snn.lean_gelu(x_, approximate), x, [], gy)
+    y_ref, gx_ref = _grads(lambda x_: F.gelu(x_, approximate=approximate), x, [], gy)
+    assert torch.equal(y, y_ref)
+    err = (gx - gx_ref).abs()
+    assert (err <= gy.abs() * (0.3313 * 2.0**-8 + 2.0**-22)).all(), (err / gy.abs()).max()
+    assert err.max() > 0  # it really recomputed from the rounded copy
+    _, gx32 = _grads(lambda x_: snn.lean_gelu(x_, approximate, torch.float32), x, [], gy)
+    assert torch.equal(gx32, gx_ref)  # float32 storage: ATen's own gelu_backward on the same x
+
+
+def test_lean_gelu_rejects_unknown_approximate():
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        snn.lean_gelu(torch.randn(3, requires_grad=True), "erf")
+
+
+def test_lean_prelu_and_gelu_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = (x + 0.1 * x.sign()).requires_grad_()  # away from PReLU's kink
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, w_: snn.lean_prelu(x_, w_, torch.float64), (x, w))
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda x_: snn.lean_gelu(x_, approximate, torch.float64), (x,))
+
+
+@pytest.mark.parametrize(
+    "make, lean_bytes, torch_bytes",
+    [
+        # per element: −x in bf16 vs torch's fp32 input (the slopes are parameters: ignored)
+        (lambda: torch.nn.PReLU(), 2, 4),
+        (lambda: torch.nn.PReLU(3, init=0.1), 2, 4),
+        # x in bf16 vs torch's fp32 input
+        (lambda: torch.nn.GELU(), 2, 4),
+        (lambda: torch.nn.GELU("tanh"), 2, 4),
+    ],
+)
+def test_lean_activation_modules_keep_half_of_torch(make, lean_bytes, torch_bytes):
+    ref = make()
+    lean = snn.convert(copy.deepcopy(ref), lean=True)
+    assert type(lean).__name__ == "Lean" + type(ref).__name__
+    x = _activation_input().requires_grad_()
+    counts = {}
+    for name, layer in (("lean", lean), ("torch", ref)):
+        with snn.SavedTensorCounter(ignore=layer.parameters()) as saved:
+            y = layer(x)
+        counts[name] = saved.bytes
+        assert torch.equal(y, ref(x))
+    assert counts == {"lean": lean_bytes * x.numel(), "torch": torch_bytes * x.numel()}
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.PReLU(3), lambda: torch.nn.GELU()])
+def test_lean_activation_modules_are_torch_in_eval_and_no_grad(make):
+    ref = make()
+    lean = snn.convert(copy.deepcopy(ref), lean=True)
+    x = _activation_input().requires_grad_()
+    with torch.no_grad(), snn.SavedTensorCounter() as saved:
+        assert torch.equal(lean(x), ref(x))
+    assert saved.bytes == 0
+    lean.eval()
+    y = lean(x)
+    assert "Lean" not in type(y.grad_fn).__name__ and type(y.grad_fn) is type(ref(x).grad_fn)
+    lean.train()
+    assert "Lean" in type(lean(x).grad_fn).__name__
+
+
+def test_lean_activations_under_bf16_autocast_match_torch():
+    """Autocast runs prelu in bf16 (x and the slopes cast) and gelu in the input's dtype."""
+    x = _activation_input()
+    gy = torch.randn_like(x)
+    prelu = torch.nn.PReLU(3, init=0.2)
+    lean = snn.convert(copy.deepcopy(prelu), lean=True)
+    results = []
+    for layer in (lean, prelu):
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x_)
+        results.append((y, *torch.autograd.grad(y, [x_, layer.weight], gy.to(y.dtype))))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert gx.dtype == torch.float32 and torch.equal(gx, gx_ref)
+    # torch sums dA in bf16, lean in fp32 and then rounds: one or two bf16 roundings apart
+    torch.testing.assert_close(gw, gw_ref, rtol=2 * 2.0**-8, atol=0)
+    # a bf16 input (what a convolution under autocast hands on) is kept as it is: GELU is torch's exactly
+    x16 = x.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), snn.SavedTensorCounter() as saved:
+        y = snn.convert(torch.nn.GELU(), lean=True)(x16)
+    assert saved.bytes == 2 * x.numel() and y.dtype == torch.bfloat16
+    x16_ref = x16.detach().clone().requires_grad_()
+    y_ref = F.gelu(x16_ref)
+    assert torch.equal(y, y_ref)
+    g16 = gy.to(torch.bfloat16)
+    assert torch.equal(torch.autograd.grad(y, x16, g16)[0], torch.autograd.grad(y_ref, x16_ref, g16)[0])
+
+
+@pytest.mark.parametrize("act", ["PRELU", "GELU"])
+def test_convert_makes_monai_unet_lean_and_keeps_its_state_dict(act):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    make = lambda: UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2, act=act)
+    ref = make()
+    lean = snn.convert(copy.deepcopy(ref), lean=True)
+    kinds = {torch.nn.PReLU: snn.LeanPReLU, torch.nn.GELU: snn.LeanGELU, torch.nn.InstanceNorm3d: snn.LeanInstanceNorm3d}
+    before = [type(m) for m in ref.modules() if type(m) in kinds]
+    after = [type(m) for m in lean.modules() if type(m) in kinds.values()]
+    assert len(before) >= 10 and after == [kinds[k] for k in before]
+    assert not any(type(m) in snn.lean.LEAN_OF for m in lean.modules())  # nothing left unconverted
+    x = torch.randn(2, 1, 16, 16, 16)
+    torch.testing.assert_close(lean(x), ref(x), rtol=1e-5, atol=1e-5)  # train forward (the norm's fp32 maths differs in rounding)
+    lean.eval(), ref.eval()
+    assert torch.equal(lean(x), ref(x))  # eval: torch's own layers
+    # state dicts load both ways, strict
+    plain = make()
+    plain.load_state_dict(lean.state_dict())
+    again = snn.convert(make(), lean=True)
+    again.load_state_dict(ref.state_dict())
+    assert list(plain.state_dict()) == list(again.state_dict()) == list(ref.state_dict())
+    assert torch.equal(plain.eval()(x), ref(x)) and torch.equal(again.eval()(x), ref(x))
+
+
+def test_lean_monai_unet_gradients_match_torch_with_float32_storage():
+    """Exact convolutions, lean norms and PReLUs keeping fp32: every gradient is torch's to fp32 rounding."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    ref = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2).train()
+    lean = snn.convert(copy.deepcopy(ref), n_probes=0, lean=True, lean_storage="float32")
+    x = torch.randn(2, 1, 16, 16, 16)
+    for model in (ref, lean):
+        model(x).pow(2).mean().backward()
+    for (name, p), q in zip(lean.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dynunet_full_resolution_block_saved_bytes():
+    """One full-resolution conv → norm → act triple of the default network (32 → 32 channels):
+    stochastic+lean keeps x̂ in bf16 (2 B) and the sign mask (1/8 B) per channel and voxel, plus a
+    size-independent sketch; exact torch keeps the conv input, the norm input and the act output in
+    fp32 (3 × 4 B). A fused block keeping only the bf16 activation output would keep 2 B."""
+    channels, edge = 32, 24
+    voxels = edge**3
+    counts = {}
+    for variant in ("exact", "stochastic+lean"):
+        model = _dynunet().train()
+        if variant != "exact":
+            snn.convert(model, 16, lean=True)
+        block = model.input_block
+        assert block.conv2.conv.in_channels == block.conv2.conv.out_channels == channels
+        x = torch.randn(1, channels, edge, edge, edge, requires_grad=True)
+        with snn.SavedTensorCounter(ignore=model.parameters()) as saved:
+            block.lrelu(block.norm2(block.conv2(x)))
+        counts[variant] = saved.bytes
+    # + 4 B per channel for each of the mean, the invstd and the batch-repeated weight of torch's instance norm
+    assert counts["exact"] == 3 * 4 * channels * voxels + 3 * 4 * channels
+    per_voxel = (2 + 1 / 8) * channels * voxels
+    assert per_voxel < counts["stochastic+lean"] < per_voxel + 4096, counts  # sketch, probe seed, invstd

@@ -46,10 +46,11 @@ def convert(
         probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; ``sketch=None``
             picks ``"offset"`` for strided convolutions and ``"shifted"`` for the others;
             transposed convolutions always use ``"shifted"``.
-        lean: also swap ReLU/LeakyReLU for 1-bit-mask versions and instance/group/batch norms for
-            versions keeping only the normalised tensor (``app.nn.lean``): the whole block gets lean.
-        lean_storage: dtype the lean norms keep their tensor in: ``"bfloat16"`` (default),
-            ``"float16"`` or ``"float32"``.
+        lean: also swap ReLU/LeakyReLU for 1-bit-mask versions, PReLU/GELU for versions keeping
+            their input in ``lean_storage`` dtype, and instance/group/batch norms for versions keeping
+            only the normalised tensor (``app.nn.lean``): the whole block gets lean.
+        lean_storage: dtype the lean norms, PReLU and GELU keep their tensor in: ``"bfloat16"``
+            (default), ``"float16"`` or ``"float32"``.
 
     Returns:
         ``module`` itself.

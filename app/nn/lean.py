@@ -6,6 +6,9 @@ and the activation keeps its input or output, so removing the convolution's copy
 These layers shrink what is left:
 
 - ``LeanReLU`` / ``LeanLeakyReLU`` keep a bit-packed sign mask: 1 bit per element (1/32 of fp32).
+- ``LeanPReLU`` keeps its input in ``storage`` dtype (bfloat16 by default: half of fp32), negated so that
+  its sign bit is exactly ``x > 0``: the input gradient is exact, the slope's gradient bf16-accurate.
+- ``LeanGELU`` keeps its input in ``storage`` dtype and recomputes ``GELU'(x)`` in fp32 from it.
 - ``LeanInstanceNorm{1,2,3}d``, ``LeanGroupNorm``, ``LeanBatchNorm{1,2,3}d`` keep only the normalised
   tensor ``x̂`` (optionally in bfloat16: half of fp32) and per-group inverse standard deviations;
   the input gradient is rebuilt from ``x̂``: ``dx = σ⁻¹ (g − mean(g) − x̂ · mean(g x̂))`` with
@@ -79,6 +82,111 @@ def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.leaky_relu(x, negative_slope, inplace) if negative_slope else F.relu(x, inplace)
     return _SignMaskActivation.apply(x, float(negative_slope), inplace)
+
+
+def _kept_dtype(dtype: torch.dtype, storage: torch.dtype) -> torch.dtype:
+    """The narrower of the input's dtype and ``storage`` (a bf16 input is never widened)."""
+    return storage if storage.itemsize < dtype.itemsize else dtype
+
+
+def _channel_view(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(C,)`` weight viewed for broadcasting against a ``(B, C, *S)`` tensor of ``dim`` dims (as ``F.prelu``)."""
+    return weight.reshape(()) if weight.numel() == 1 else weight.view((1, -1) + (1,) * max(dim - 2, 0))
+
+
+class _LeanPReLU(torch.autograd.Function):
+    """``y = x`` where ``x > 0`` else ``a · x``, keeping ``−x`` in ``storage`` dtype.
+
+    ``−x`` is written as ``0 − x`` straight into the narrow dtype: both zeros become ``+0`` and a
+    positive input too small for the narrow dtype rounds to ``−0``, so ``signbit`` of the kept tensor
+    is exactly ``x > 0`` and the input gradient ``g · where(x > 0, 1, a)`` is torch's, bit for bit.
+    The slope's gradient ``Σ g · x · [x ≤ 0]`` uses the rounded ``x`` and is summed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+        y = F.prelu(x, weight)
+        neg_x = torch.empty(x.shape, dtype=_kept_dtype(x.dtype, storage), device=x.device)
+        torch.sub(x.new_zeros(()), x, out=neg_x)  # one kernel on CUDA; the cast happens on store
+        ctx.save_for_backward(neg_x, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        neg_x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            # Σ g · x · [x ≤ 0] = −Σ g · relu(−x), per channel (C weights) or over everything (one weight)
+            dims = [d for d in range(neg_x.dim()) if d != 1 or weight.numel() == 1]
+            compute = torch.promote_types(grad_y.dtype, torch.float32)
+            grad_w = torch.mul(F.relu(neg_x), grad_y).sum(dims, dtype=compute).neg_().reshape(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            slope = _channel_view(weight.to(grad_y.dtype), grad_y.dim())
+            grad_x = torch.where(torch.signbit(neg_x), grad_y.new_ones(()), slope).mul_(grad_y)
+        return grad_x, grad_w, None
+
+
+def lean_prelu(x: torch.Tensor, weight: torch.Tensor, storage: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """PReLU (``torch.nn.functional.prelu``) whose backward keeps ``x`` in ``storage`` dtype.
+
+    The input gradient is exact (the kept copy carries ``x > 0`` exactly, see ``_LeanPReLU``); the
+    slope's gradient ``Σ g · x · [x ≤ 0]`` is computed from the rounded ``x`` (bfloat16: relative
+    error of each term ≤ 2⁻⁸, summed in fp32). Under autocast, ``x`` and ``weight`` are cast to the
+    autocast dtype first, as autocast does for ``prelu``.
+
+    Args:
+        x: ``(B, C, *S)`` or any shape if ``weight`` has one element.
+        weight: the slopes ``a``: one, or one per channel ``(C,)``.
+        storage: dtype of the kept copy; an input already as narrow is kept as it is.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.prelu(x, weight)
+    return _LeanPReLU.apply(x, weight, storage)
+
+
+class _LeanGELU(torch.autograd.Function):
+    """GELU keeping ``x`` in ``storage`` dtype; the backward is ATen's ``gelu_backward`` in fp32 on it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, approximate: str, storage: torch.dtype) -> torch.Tensor:
+        ctx.approximate = approximate
+        ctx.save_for_backward(x.to(_kept_dtype(x.dtype, storage)))
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        (kept,) = ctx.saved_tensors
+        compute = torch.promote_types(grad_y.dtype, torch.float32)
+        out = kept.to(compute, copy=True)  # the result is written over this copy, never over the saved tensor
+        torch.ops.aten.gelu_backward.grad_input(grad_y.to(compute), out, approximate=ctx.approximate, grad_input=out)
+        return out.to(grad_y.dtype), None, None
+
+
+def lean_gelu(x: torch.Tensor, approximate: str = "none", storage: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """GELU (``torch.nn.functional.gelu``) whose backward keeps ``x`` in ``storage`` dtype.
+
+    The backward evaluates ``GELU'`` in fp32 at the kept, rounded ``x̃`` (``|x̃ − x| ≤ 2⁻⁸ |x|`` in
+    bfloat16), so ``|dx − dx_exact| ≤ |g| · max|t · GELU''(t)| · 2⁻⁸ ≈ 0.33 · 2⁻⁸ · |g|`` (both
+    ``approximate`` modes): a relative error of the order of bf16 rounding wherever ``GELU'`` is not
+    small, larger only near its zero at ``x ≈ −0.75`` (the minimum of GELU), where ``dx`` itself is
+    close to zero. With ``storage=torch.float32`` (or an input already as narrow) the gradient is
+    torch's, bit for bit.
+
+    Args:
+        x: any shape.
+        approximate: ``"none"`` (erf) or ``"tanh"``, as ``torch.nn.GELU``.
+        storage: dtype of the kept copy.
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be one of ['none', 'tanh'], but got approximate={approximate!r}")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.gelu(x, approximate=approximate)
+    return _LeanGELU.apply(x, approximate, storage)
 
 
 class _LeanNorm(torch.autograd.Function):
@@ -216,6 +324,37 @@ class LeanReLU(nn.ReLU):
         return lean_leaky_relu(input, 0.0, self.inplace)
 
 
+class LeanPReLU(LeanStorageMixin, nn.PReLU):
+    """``torch.nn.PReLU`` keeping its input in ``storage`` dtype for backward (see :func:`lean_prelu`).
+
+    Same ``__init__`` (``num_parameters`` 1 or C, ``init``) and parameter ``weight``: state dicts
+    load both ways. Eval mode and ``torch.no_grad()`` run ``torch.nn.PReLU`` itself.
+
+    Shape:
+        input ``(B, C, *S)`` (any shape if ``num_parameters == 1``); output the same.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._lean_active(input):
+            return super().forward(input)
+        return lean_prelu(input, self.weight, self.storage)
+
+
+class LeanGELU(LeanStorageMixin, nn.GELU):
+    """``torch.nn.GELU`` (``approximate`` ``"none"`` or ``"tanh"``) keeping its input in ``storage`` dtype
+    for backward; ``GELU'`` is recomputed in fp32 from it (see :func:`lean_gelu` for the error bound).
+    Eval mode and ``torch.no_grad()`` run ``torch.nn.GELU`` itself.
+
+    Shape:
+        any; output the same.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._lean_active(input):
+            return super().forward(input)
+        return lean_gelu(input, self.approximate, self.storage)
+
+
 def _subclass(base: type, mixin: type) -> type:
     return type(f"Lean{base.__name__}", (mixin, base), {"__module__": __name__, "__doc__": f"``torch.nn.{base.__name__}`` keeping only x̂ (in ``storage`` dtype) for backward."})
 
@@ -230,6 +369,8 @@ LeanBatchNorm3d = _subclass(nn.BatchNorm3d, LeanBatchNormNd)
 LEAN_OF: dict[type, type] = {
     nn.ReLU: LeanReLU,
     nn.LeakyReLU: LeanLeakyReLU,
+    nn.PReLU: LeanPReLU,
+    nn.GELU: LeanGELU,
     nn.InstanceNorm1d: LeanInstanceNorm1d,
     nn.InstanceNorm2d: LeanInstanceNorm2d,
     nn.InstanceNorm3d: LeanInstanceNorm3d,
