@@ -13,11 +13,18 @@ Two sketches (``sketch=``):
                  (``conv_weight_grad(Z, dY)``), so zero padding, stride and dilation are exact and
                  nothing wraps around. ``K`` times less memory per probe, more backward work.
                  Transposed convolutions always use this one (their input is the small side).
+  ``"spectral"`` the forward keeps, per sample, the input's Fourier coefficients at ``r``
+                 frequencies (the ``r/2`` strongest exactly, ``r/2`` importance-sampled); a
+                 shift is a phase, so they serve every kernel offset, and the backward is an
+                 FFT of ``dY`` and an ``r``-term sum (:mod:`.spectral`). ``B · r · C_in`` complex
+                 numbers; regular convolutions only. Where ``r`` reaches the number of
+                 frequencies the layer keeps its input and is exact (the sketch would be larger).
 
 Control variate (``control="mean"``): ``X = μ + R`` with ``μ`` the per-sample, per-channel mean of the
 input. ``dYᵀ μ_k`` is computed exactly in the backward pass (``μ`` is ``B × C_in`` numbers and the
 zero padding is respected: ``μ`` is zero outside the volume), and only the residual ``R`` is
 sketched. Unbiased, and much lower variance for post-activation inputs, whose mean is large.
+The spectral sketch ignores ``control``: the mean is its zero frequency, always kept exactly.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import spectral
 from .probes import check_probe_options, iter_blocks, next_seed
 
-SKETCHES = ("offset", "shifted")
+SKETCHES = ("offset", "shifted", "spectral")
 CONTROLS = ("mean", "none")
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -165,21 +173,26 @@ class _StochasticConv(torch.autograd.Function):
             ctx.geom, ctx.n_probes, ctx.probes, ctx.sketch = geom, n_probes, probes, sketch
             ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
             ctx.budget = y.numel()
-            sketch_x = ctx.needs_input_grad[1]
-            if not sketch_x:
-                ctx.save_for_backward(weight, None, None, None)
+            keep_weight = weight if ctx.needs_input_grad[0] else None
+            if not ctx.needs_input_grad[1]:
+                ctx.save_for_backward(keep_weight, None)
                 return y
-            mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
-            sketch_p = _sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:]))
-            seed_t = torch.tensor(seed, dtype=torch.int64)
+            if sketch == "spectral":
+                ctx.fft_sizes = spectral.fft_sizes(x.shape[2:], y.shape[2:], geom.stride, geom.padding)
+                gen = torch.Generator(device=x.device)
+                gen.manual_seed(seed)
+                state = spectral.sketch(x, ctx.fft_sizes, n_probes, gen, ctx.budget)
+            else:
+                mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
+                state = (_sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:])), mu)
             # Keep the seed as a tensor: under non-reentrant checkpointing, the recomputed forward's
             # saved tensors (sketch and seed together) replace these, so they always match.
-            ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, sketch_p, mu, seed_t)
+            ctx.save_for_backward(keep_weight, torch.tensor(seed, dtype=torch.int64), *state)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        weight, sketch_p, mu, seed_t = ctx.saved_tensors
+        weight, seed_t, *state = ctx.saved_tensors
         geom = ctx.geom
         grad_x = grad_w = grad_b = None
         with torch.autocast(grad_y.device.type, enabled=False):
@@ -187,8 +200,12 @@ class _StochasticConv(torch.autograd.Function):
                 grad_b = grad_y.sum(dim=(0, *range(2, grad_y.dim())))
             if ctx.needs_input_grad[0]:
                 grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom)
-            if ctx.needs_input_grad[1]:
-                grad_w = _estimate_weight_grad(grad_y, sketch_p, mu, int(seed_t), ctx)
+            if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
+                grad_w = spectral.weight_grad(
+                    grad_y, *state, ctx.fft_sizes, geom.stride, geom.padding, geom.dilation, geom.kernel, geom.groups, ctx.budget,
+                )
+            elif ctx.needs_input_grad[1]:
+                grad_w = _estimate_weight_grad(grad_y, *state, int(seed_t), ctx)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -307,6 +324,15 @@ def _resolve_padding(
     return _pad_end(x, extra), left
 
 
+def _spectral_frequencies(in_spatial: Sequence[int], geom: ConvGeometry) -> int:
+    """Frequencies a spectral sketch of this (regular) convolution could keep."""
+    out_spatial = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(in_spatial, geom.padding, geom.dilation, geom.kernel, geom.stride)
+    ]
+    return spectral.n_frequencies(spectral.fft_sizes(in_spatial, out_spatial, geom.stride, geom.padding))
+
+
 def _autocast_inputs(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -342,8 +368,8 @@ def _apply(
     if sketch is None:
         sketch = "shifted"
     check_sketch_options(n_probes, probes, sketch, control)
-    if transposed and sketch == "offset":
-        raise ValueError(f"{name}: sketch='offset' is not available for transposed convolutions (their input is the "
+    if transposed and sketch in ("offset", "spectral"):
+        raise ValueError(f"{name}: sketch={sketch!r} is not available for transposed convolutions (their input is the "
                          "small side, so the input-grid sketch is both smaller and exact); use sketch='shifted'")
     stride_t = _ntuple(stride, dims, "stride")
     dilation_t = _ntuple(dilation, dims, "dilation")
@@ -360,7 +386,9 @@ def _apply(
         output_padding=_ntuple(output_padding, dims, "output_padding") if transposed else (),
     )
     x, weight, bias = _autocast_inputs(x, weight, bias)
-    if n_probes == 0 or not torch.is_grad_enabled() or not weight.requires_grad:
+    if n_probes == 0 or not torch.is_grad_enabled() or not weight.requires_grad or (
+        sketch == "spectral" and n_probes >= _spectral_frequencies(x.shape[2:], geom)
+    ):
         return _conv(x, weight, bias, geom)
     return _StochasticConv.apply(x, weight, bias, geom, n_probes, probes, sketch, control, next_seed() if seed is None else int(seed))
 
@@ -395,9 +423,9 @@ def _make_conv(dims: int):
         stride, padding, dilation, groups: as in torch (``padding`` may be ``"same"``/``"valid"``).
         n_probes: probes ``r`` of the trace estimator; ``0`` means exact backprop.
         probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (Hadamard blocks, ``r`` a power of 2).
-        sketch: ``"shifted"`` (default: keeps ``r·C_in`` numbers) or ``"offset"`` (keeps ``r·C_in·K``);
-            same error at equal ``r`` for stride 1, where ``"shifted"`` is faster on the GPU; for
-            strided convolutions ``"offset"`` has the lower error (docs/benchmarks.md).
+        sketch: ``"shifted"`` (default: keeps ``r·C_in`` numbers), ``"offset"`` (keeps ``r·C_in·K``;
+            lower error for strided convolutions) or ``"spectral"`` (keeps ``B·r·C_in`` complex
+            Fourier coefficients, ``r`` in the hundreds; far lower error, docs/benchmarks.md).
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         seed: probe seed; ``None`` draws one from ``app.nn.manual_seed``'s stream (never torch's global RNG).
 

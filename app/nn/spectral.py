@@ -1,0 +1,207 @@
+"""Spectral sketch: the weight gradient from a few importance-sampled Fourier coefficients of the input.
+
+For a regular convolution the weight gradient is a cross-correlation,
+``dW[o, c, k] = Σ_b Σ_n dY[b, o, n] · X[b, c, s·n + τ_k]`` with ``τ_k = d·k − p``. On an FFT grid
+``M`` large enough that nothing wraps around (``M ≥ S_in + p`` and ``M ≥ s·S_out`` per dimension,
+``M`` a multiple of ``s``), Parseval turns it into a sum over frequencies ``f``:
+
+    ``dW[o, c, k] = (1/|M|) Σ_b Σ_f Re[ m_f · conj(Û_b[o, f]) · X̂_b[c, f] · exp(2πi f·τ_k / M) ]``
+
+(``X̂ = rfftn(X, M)``, ``m_f ∈ {1, 2}`` counts the frequencies the real FFT folds onto ``f``, and
+``Û_b[o, f] = DFT_{M/s}(dY_b)[f mod M/s]`` is the spectrum of ``dY`` spread onto the strided input
+grid). A shift is a phase, so one coefficient of ``X`` serves every kernel offset.
+
+The forward pass keeps, per sample, ``X̂`` at ``r`` frequencies only: the ``r/2`` with the largest
+channel energy ``m_f·‖X̂_b[:, f]‖`` exactly (this includes the mean, ``f = 0``: a built-in,
+exactly computed control variate), and ``r/2`` drawn with replacement from the other
+frequencies with probability ``π_f ∝ m_f·‖X̂_b[:, f]‖``, weighted ``1 / (r/2 · π_f)``. The
+estimate is unbiased for any ``π``; importance sampling makes it accurate because activations of
+image networks put most of their energy in few (mostly low) frequencies. The kept state is
+``B · r · C_in`` complex numbers plus ``2 · B · r`` indices and weights, whatever the volume,
+and the backward pass costs an FFT of ``dY`` and an ``r``-term sum instead of a convolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def _smooth(n: int, multiple: int) -> int:
+    """Smallest ``m >= n`` that is a multiple of ``multiple`` with no prime factor above 7 (fast FFTs)."""
+    m = max(n, 1)
+    m += (-m) % multiple
+    while True:
+        rest = m
+        for p in (2, 3, 5, 7):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return m
+        m += multiple
+
+
+def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, ...]:
+    """Per dimension, the FFT length on which the weight-gradient correlation does not wrap around."""
+    return tuple(
+        _smooth(max(n_in + p, s * n_out), s) for n_in, n_out, s, p in zip(in_spatial, out_spatial, stride, padding)
+    )
+
+
+def n_frequencies(sizes: Sequence[int]) -> int:
+    """Frequencies of a real FFT of ``sizes``: ``prod(sizes[:-1]) · (sizes[-1] // 2 + 1)``."""
+    return math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+
+
+def _multiplicity(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``m_f``: 1 on the real FFT's self-conjugate planes (last index 0 and, for even lengths, the
+    Nyquist index), 2 elsewhere. Shape ``(F,)``, fp32."""
+    last = sizes[-1] // 2 + 1
+    m = torch.full((last,), 2.0, device=device)
+    m[0] = 1.0
+    if sizes[-1] % 2 == 0:
+        m[-1] = 1.0
+    return m.repeat(math.prod(sizes[:-1]))
+
+
+def _unravel(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(..., len(shape))`` coordinates of a flat ``index`` into ``shape``."""
+    coords = []
+    for size in reversed(shape):
+        coords.append(index % size)
+        index = index // size
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def _spectra(x: torch.Tensor, sizes: Sequence[int], chunk: int):
+    """Yields ``(c0, X̂)`` with ``X̂ = rfftn(x[:, c0:c0+chunk])`` flattened to ``(B, chunk, F)``."""
+    dims = tuple(range(2, x.dim()))
+    for c0 in range(0, x.shape[1], chunk):
+        yield c0, torch.fft.rfftn(x[:, c0:c0 + chunk].float(), s=tuple(sizes), dim=dims).flatten(2)
+
+
+def _channel_chunk(batch: int, channels: int, freqs: int, budget: int) -> int:
+    """Channels per FFT so a complex spectrum block holds at most ``budget`` real numbers."""
+    return max(1, min(channels, budget // max(1, 2 * batch * freqs)))
+
+
+def sketch(
+    x: torch.Tensor, sizes: Sequence[int], n_probes: int, generator: torch.Generator, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass's spectral sketch of ``x``.
+
+    Args:
+        x: ``(B, C_in, *S_in)``.
+        sizes: FFT lengths (:func:`fft_sizes`).
+        n_probes: frequencies ``r`` kept per sample (``r // 2`` largest, the rest sampled), at most
+            :func:`n_frequencies`.
+        generator: draws the sampled frequencies (on ``x``'s device).
+        budget: largest spectrum block, in real numbers (the layer output's size): the FFT runs
+            over channel chunks, twice when one chunk cannot hold every channel.
+
+    Returns:
+        ``values`` ``(B, C_in, r)`` complex64 (``X̂`` at the kept frequencies), ``index`` ``(B, r)``
+        int64 (flat frequency index), ``weight`` ``(B, r)`` fp32 (``m_f`` for the largest ones,
+        ``m_f / (r_s · π_f)`` for the sampled ones).
+    """
+    batch, channels = x.shape[:2]
+    freqs = n_frequencies(sizes)
+    chunk = _channel_chunk(batch, channels, freqs, budget)
+    energy = x.new_zeros((batch, freqs), dtype=torch.float32)
+    whole = None
+    for _, spec in _spectra(x, sizes, chunk):
+        energy += spec.real.square().sum(1) + spec.imag.square().sum(1)
+        if chunk == channels:
+            whole = spec
+    mult = _multiplicity(sizes, x.device)
+    score = energy.sqrt_() * mult
+    n_top = min(n_probes - n_probes // 2, freqs)
+    n_drawn = n_probes - n_top
+    top = torch.topk(score, n_top, dim=1, sorted=False).indices  # (B, n_top)
+    index, weight = top, mult[top]
+    if n_drawn > 0:
+        rest = score.scatter_(1, top, 0.0)
+        cdf = torch.cumsum(rest, dim=1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        u = torch.rand((batch, n_drawn), generator=generator, device=x.device, dtype=torch.float64) * total
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=freqs - 1)
+        prob = (rest.gather(1, drawn).double() / total).float()
+        drawn_weight = torch.where(prob > 0, mult[drawn] / (n_drawn * prob.clamp_min(1e-30)), torch.zeros_like(prob))
+        index = torch.cat([top, drawn], dim=1)
+        weight = torch.cat([weight, drawn_weight], dim=1)
+    gather_at = index[:, None, :]
+    if whole is not None:
+        values = whole.gather(2, gather_at.expand(batch, channels, -1))
+    else:
+        values = torch.empty((batch, channels, index.shape[1]), device=x.device, dtype=torch.complex64)
+        for c0, spec in _spectra(x, sizes, chunk):
+            values[:, c0:c0 + spec.shape[1]] = spec.gather(2, gather_at.expand(batch, spec.shape[1], -1))
+    return values, index, weight
+
+
+def weight_grad(
+    grad_y: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    sizes: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    kernel: Sequence[int],
+    groups: int,
+    budget: int,
+) -> torch.Tensor:
+    """The unbiased weight-gradient estimate from :func:`sketch`'s output.
+
+    Args:
+        grad_y: ``(B, C_out, *S_out)``.
+        values, index, weight: the sketch.
+        sizes: its FFT lengths; stride, padding, dilation, kernel, groups: the convolution's.
+        budget: largest spectrum block of ``dY``, in real numbers.
+
+    Returns:
+        ``(C_out, C_in / groups, *K)`` in fp32.
+    """
+    batch, c_out = grad_y.shape[:2]
+    c_in, r = values.shape[1], values.shape[2]
+    dims = len(sizes)
+    half = (*sizes[:-1], sizes[-1] // 2 + 1)
+    freq = _unravel(index, half)  # (B, r, D)
+    # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the real FFT holds
+    # the last index up to L_last / 2 only, the rest is the conjugate of the mirrored frequency.
+    lengths = torch.tensor([m // s for m, s in zip(sizes, stride)], device=grad_y.device)
+    g_freq = freq % lengths
+    mirror = g_freq[..., -1] > lengths[-1] // 2
+    g_freq = torch.where(mirror[..., None], (-g_freq) % lengths, g_freq)
+    g_half = (*lengths[:-1].tolist(), int(lengths[-1]) // 2 + 1)
+    g_index = torch.zeros_like(index)
+    for d in range(dims):
+        g_index = g_index * g_half[d] + g_freq[..., d]
+    g_freqs = math.prod(g_half)
+    u = torch.empty((batch, c_out, r), device=grad_y.device, dtype=torch.complex64)
+    spatial = tuple(int(v) for v in lengths.tolist())
+    for o0, spec in _spectra(grad_y, spatial, _channel_chunk(batch, c_out, g_freqs, budget)):
+        u[:, o0:o0 + spec.shape[1]] = spec.gather(2, g_index[:, None, :].expand(batch, spec.shape[1], -1))
+    u = torch.where(mirror[:, None, :], u, u.conj())  # conj(Û): Û itself where it was mirrored
+    # phase[b, j, k] = exp(2πi Σ_d f_d τ_{k,d} / M_d), τ = d·k − p
+    taus = torch.cartesian_prod(*[torch.arange(k, device=grad_y.device) * dl - p for k, dl, p in zip(kernel, dilation, padding)])
+    taus = taus.view(-1, dims).float()
+    angle = (freq.float() / torch.tensor(sizes, device=grad_y.device, dtype=torch.float32)) @ taus.t()  # (B, r, K)
+    # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
+    phase = torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+    scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
+    cog, cig = c_out // groups, c_in // groups
+    left = (u * scale[:, None, :]).view(batch, groups, cog, r)
+    right = values.view(batch, groups, cig, r)
+    k_numel = phase.shape[-1]
+    # Σ_{b,j} left[b,g,o,j] · phase[b,j,k] · right[b,g,c,j] as one complex matmul per group
+    lp = (left[..., None] * phase[:, None, None]).permute(1, 2, 4, 0, 3).reshape(groups, cog * k_numel, batch * r)
+    rv = right.permute(1, 0, 3, 2).reshape(groups, batch * r, cig)
+    grad_w = torch.bmm(lp, rv).real.view(groups, cog, k_numel, cig).permute(0, 1, 3, 2)
+    return grad_w.reshape(c_out, cig, *kernel)
+
+
+__all__ = ["fft_sizes", "n_frequencies", "sketch", "weight_grad"]
