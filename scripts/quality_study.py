@@ -53,7 +53,8 @@ from app.models import load_checkpoint
 from app.train import config_dir, train
 
 TASKS = ("synthetic", "mni")
-SKETCH_MODIFIERS = {"offset": ("sketch", "offset"), "shifted": ("sketch", "shifted"), "gaussian": ("probes", "gaussian"),
+SKETCH_MODIFIERS = {"offset": ("sketch", "offset"), "shifted": ("sketch", "shifted"), "spectral": ("sketch", "spectral"),
+                    "gaussian": ("probes", "gaussian"),
                     "orthogonal": ("probes", "orthogonal"), "rademacher": ("probes", "rademacher"),
                     "nocv": ("control", "none")}
 

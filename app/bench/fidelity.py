@@ -10,7 +10,7 @@ noise SGD already lives with. Prints markdown tables headed by the environment a
 line per estimator and ``r``, SGD noise dashed) to ``--out``.
 
 Estimator names: a sketch (``auto``: the layers' default, offset for strided convolutions and
-shifted otherwise; ``shifted``; ``offset``) followed by optional ``-gaussian`` /
+shifted otherwise; ``shifted``; ``offset``; ``spectral``) followed by optional ``-gaussian`` /
 ``-orthogonal`` / ``-rademacher`` (probe family, default rademacher) and ``-nocv`` (no control
 variate), e.g. ``shifted``, ``offset``, ``shifted-gaussian``, ``shifted-orthogonal``, ``shifted-nocv``.
 

@@ -34,6 +34,7 @@ import torch
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.measure import ERROR, GIB, OK, OOM, StepStats, device_name, measure_step
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
+from app.nn.functional import SKETCHES
 from app.plan.variants import COMPONENTS, parse_variant
 
 from .common import MIB, environment, markdown_table
@@ -59,15 +60,20 @@ def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, devi
              cache: CalibrationCache) -> StepStats:
     cfg = BENCH_MODELS[model]
     patch = (edge, edge, edge)
+    options = _sketch_options(args)
     stats = measure_step(cfg, patch_size=patch, batch_size=args.batch_size, variant=variant, n_probes=args.n_probes,
                          device=device, warmup=args.warmup, repeat=args.repeat, memory_cap_gib=args.cap_gib,
-                         report_errors=True)
+                         sketch_options=options, report_errors=True)
     key, fields = cache_key(
         model_config=cfg, device=stats.device, variant=stats.variant, patch_size=patch,
-        batch_size=args.batch_size, n_probes=args.n_probes,
+        batch_size=args.batch_size, n_probes=args.n_probes, sketch_options=options,
     )
     cache.store(key, fields, stats, None if args.cap_gib is None else args.cap_gib * GIB)
     return stats
+
+
+def _sketch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.sketch is None else {"sketch": args.sketch}
 
 
 def run(args: argparse.Namespace, device: torch.device,
@@ -166,7 +172,7 @@ def max_cubes(args: argparse.Namespace, device: torch.device,
         for variant in args.max_cube_variants:
             out.append((model, plan(
                 BENCH_MODELS[model], args.cap_gib, (1.0, 1.0, 1.0), variant, args.batch_size, device,
-                n_probes=args.n_probes, cache=False if args.no_cache else (args.cache or True), max_edge=args.max_edge,
+                n_probes=args.n_probes, sketch_options=_sketch_options(args), cache=False if args.no_cache else (args.cache or True), max_edge=args.max_edge,
                 edge_step=args.edge_step,
                 warmup=args.warmup, repeat=args.repeat, reference_edge=min(args.sizes),
             )))
@@ -197,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--n-probes", type=int, default=16)
+    p.add_argument("--sketch", default=None, choices=list(SKETCHES),
+                   help="sketch of the stochastic layers. Default: the layers' own default")
     p.add_argument("--cap-gib", type=float, default=None,
                    help="limit the CUDA allocator to this many GiB (rows above it: OOM); the --max-cube budget")
     p.add_argument("--max-cube", action="store_true", help="also find the largest cube within --cap-gib per variant")
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
         lines = [
             "## Training-step memory per variant (app.bench memory)", "", environment(), "",
-            (f"batch {args.batch_size}, n_probes {args.n_probes}, {args.warmup} warm-up + {args.repeat} timed steps "
+            (f"batch {args.batch_size}, n_probes {args.n_probes}, sketch {args.sketch or 'default'}, {args.warmup} warm-up + {args.repeat} timed steps "
              f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
              "saved = bytes saved for backward by the forward pass and loss (parameters excluded)"),
         ]

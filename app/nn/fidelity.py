@@ -107,7 +107,7 @@ class LayerFidelity(Agreement):
         kernel_numel: kernel offsets ``K``.
         n_probes: the layer's ``n_probes`` during the draws.
         sketched: whether the draws used the sketch (False: exact by ``n_probes=0``, ``min_voxels``, ...).
-        sketch: the layer's sketch (``"shifted"``/``"offset"``; None = the kind's default, shifted).
+        sketch: the layer's sketch (``"shifted"``/``"offset"``/``"spectral"``; None = the kind's default).
     """
 
     name: str = ""
@@ -122,9 +122,12 @@ class LayerFidelity(Agreement):
 
     @property
     def sketch_numbers(self) -> int:
-        """Numbers the sketch keeps for this layer (``r·C_in``, or ``r·C_in·K`` for ``offset``), 0 when exact."""
+        """Numbers (fp32-sized) the sketch keeps for this layer: ``r·C_in``, ``r·C_in·K`` for ``offset``,
+        ``B·r·(2·C_in + 3)`` for ``spectral`` (complex coefficients, int64 frequencies, weights); 0 when exact."""
         if not self.sketched:
             return 0
+        if self.sketch == "spectral":
+            return self.batch * self.n_probes * (2 * self.in_channels + 3)
         return self.n_probes * self.in_channels * (self.kernel_numel if self.sketch == "offset" else 1)
 
     @property

@@ -37,7 +37,7 @@ class StochasticConvMixin:
     ) -> None:
         """Validates and sets the sketch options (``sketch=None``: the layer kind's default)."""
         check_sketch_options(n_probes, probes, sketch, control)
-        if isinstance(self, nn.modules.conv._ConvTransposeNd) and sketch == "offset":
+        if isinstance(self, nn.modules.conv._ConvTransposeNd) and sketch in ("offset", "spectral"):
             sketch = "shifted"  # the only sketch of a transposed convolution (see functional)
         if min_voxels < 0:
             raise ValueError(f"min_voxels must be >= 0, but got min_voxels={min_voxels}")
@@ -111,7 +111,8 @@ def _make_module(base: type, mixin: type, dims: int) -> type:
         *args, **kwargs: exactly those of ``torch.nn.{base.__name__}``.
         n_probes: probes of the trace estimator (memory ``r·C_in·K`` or ``r·C_in`` numbers); ``0`` = exact backprop.
         probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
-        sketch: ``"shifted"`` (``r·C_in`` numbers kept) or ``"offset"`` (``r·C_in·K``; regular convs only);
+        sketch: ``"shifted"`` (``r·C_in`` numbers kept), ``"offset"`` (``r·C_in·K``; regular convs only) or
+            ``"spectral"`` (``B·r·C_in`` complex Fourier coefficients; regular convs only, transposed ones use ``"shifted"``);
             ``None`` (default): ``"offset"`` for strided convolutions, ``"shifted"`` otherwise.
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         min_voxels: inputs with fewer voxels than this use exact backprop (they are cheap to keep).

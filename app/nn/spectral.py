@@ -183,7 +183,8 @@ def weight_grad(
     g_freqs = math.prod(g_half)
     u = torch.empty((batch, c_out, r), device=grad_y.device, dtype=torch.complex64)
     spatial = tuple(int(v) for v in lengths.tolist())
-    for o0, spec in _spectra(grad_y, spatial, _channel_chunk(batch, c_out, g_freqs, budget)):
+    # a quarter of the output per block: this runs at the backward pass's peak, and one pass suffices
+    for o0, spec in _spectra(grad_y, spatial, _channel_chunk(batch, c_out, g_freqs, budget // 4)):
         u[:, o0:o0 + spec.shape[1]] = spec.gather(2, g_index[:, None, :].expand(batch, spec.shape[1], -1))
     u = torch.where(mirror[:, None, :], u, u.conj())  # conj(Û): Û itself where it was mirrored
     # phase[b, j, k] = exp(2πi Σ_d f_d τ_{k,d} / M_d), τ = d·k − p
