@@ -305,7 +305,7 @@ def test_autocast_returns_weight_gradient_in_parameter_dtype(dtype):
 
 
 def test_eval_and_no_grad_are_plain_convolutions():
-    layer = snn.StochasticConv3d(2, 3, 3, padding=1)
+    layer = snn.StochasticConv3d(2, 3, 3, padding=1, n_probes=8)
     x = torch.randn(1, 2, 6, 6, 6, requires_grad=True)
     assert type(layer(x).grad_fn).__name__.startswith("_StochasticConv")
     layer.eval()
@@ -502,9 +502,14 @@ def test_autograd_function_saves_no_input():
         assert shapes == sorted([(), *sketch_shapes, (5, 3, 3, 3, 3)])
 
 
-def test_module_default_sketch_is_offset_for_strided_and_shifted_otherwise():
+def test_module_default_sketch_is_spectral_and_shifted_for_transposed():
     x = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
-    for stride, shape in [(1, (16, 3)), (2, (16, 3, 3, 3, 3))]:
-        layer = snn.StochasticConv3d(3, 4, 3, stride=stride, padding=1)
+    for stride in (1, 2):
+        layer = snn.StochasticConv3d(3, 4, 3, stride=stride, padding=1, n_probes=16)
+        assert layer.resolved_sketch() == "spectral"
         sketch_shapes = [tuple(t.shape) for t in layer(x).grad_fn.saved_tensors if t is not None and t.dim() >= 2]
-        assert shape in sketch_shapes, (stride, sketch_shapes)
+        assert (1, 3, 16) in sketch_shapes, (stride, sketch_shapes)  # (B, C_in, r) Fourier coefficients
+    layer = snn.StochasticConvTranspose3d(3, 4, 2, stride=2, n_probes=16)
+    assert layer.resolved_sketch() == "shifted"
+    sketch_shapes = [tuple(t.shape) for t in layer(x).grad_fn.saved_tensors if t is not None and t.dim() >= 2]
+    assert (16, 3) in sketch_shapes, sketch_shapes

@@ -27,6 +27,9 @@ VARIANTS = {
     "shifted r16 no-cv": dict(n_probes=16, sketch="shifted", control="none"),
     "offset r16 no-cv": dict(n_probes=16, sketch="offset", control="none"),
     "shifted r432": dict(n_probes=432, sketch="shifted"),  # the bytes of "offset r16" (K = 27)
+    "spectral r64": dict(n_probes=64, sketch="spectral"),
+    "spectral r256": dict(n_probes=256, sketch="spectral"),
+    "spectral r1024": dict(n_probes=1024, sketch="spectral"),
 }
 DEFAULT_VARIANTS = ["exact", "shifted r16", "offset r16", "shifted r16 no-cv", "shifted r432"]
 

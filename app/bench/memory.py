@@ -34,6 +34,7 @@ import torch
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.measure import ERROR, GIB, OK, OOM, StepStats, device_name, measure_step
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
+from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
 from app.plan.variants import COMPONENTS, parse_variant
 
@@ -202,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--n-probes", type=int, default=16)
+    p.add_argument("--n-probes", type=int, default=DEFAULT_N_PROBES)
     p.add_argument("--sketch", default=None, choices=list(SKETCHES),
                    help="sketch of the stochastic layers. Default: the layers' own default")
     p.add_argument("--cap-gib", type=float, default=None,

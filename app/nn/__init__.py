@@ -40,6 +40,7 @@ from .lean import (
 )
 from .memory import SavedTensorCounter
 from .modules import (
+    DEFAULT_N_PROBES,
     StochasticConv1d,
     StochasticConv2d,
     StochasticConv3d,
@@ -62,6 +63,7 @@ __all__ = [
     "FidelityReport",
     "fidelity_figures",
     "manual_seed",
+    "DEFAULT_N_PROBES",
     "PROBE_FAMILIES",
     "SavedTensorCounter",
     "LeanBatchNorm1d",

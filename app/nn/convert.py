@@ -10,7 +10,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .lean import LEAN_OF, STORAGE_DTYPES, LeanStorageMixin
-from .modules import STOCHASTIC_OF, StochasticConvMixin
+from .modules import DEFAULT_N_PROBES, STOCHASTIC_OF, StochasticConvMixin
 
 
 def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
@@ -21,7 +21,7 @@ def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Seq
 
 def convert(
     module: nn.Module,
-    n_probes: int = 16,
+    n_probes: int = DEFAULT_N_PROBES,
     *,
     min_voxels: int = 0,
     include: Optional[Sequence[str]] = None,
@@ -44,8 +44,8 @@ def convert(
         include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
         exclude: patterns of names to leave alone (checked after ``include``).
         probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; ``sketch=None``
-            picks ``"offset"`` for strided convolutions and ``"shifted"`` for the others;
-            transposed convolutions always use ``"shifted"``.
+            (default) picks ``"spectral"`` for regular convolutions; transposed convolutions
+            always use ``"shifted"``.
         lean: also swap ReLU/LeakyReLU for 1-bit-mask versions, PReLU/GELU for versions keeping
             their input in ``lean_storage`` dtype, and instance/group/batch norms for versions keeping
             only the normalised tensor (``app.nn.lean``): the whole block gets lean.

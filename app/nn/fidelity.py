@@ -62,7 +62,7 @@ __all__ = [
 LossFn = Callable[..., torch.Tensor]
 """``loss_fn(model, batch) -> scalar loss`` (``loss_fn(model)`` when no batch is passed)."""
 
-DEFAULT_CANDIDATES = (0, 4, 8, 16, 32, 64)
+DEFAULT_CANDIDATES = (0, 32, 64, 128, 256, 512, 1024)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -412,7 +412,7 @@ class _Measurement:
             layers.append(LayerFidelity(
                 **vars(a), name=name, depth=info.depth, voxels=info.voxels, batch=info.batch,
                 in_channels=info.in_channels, kernel_numel=math.prod(layer.weight.shape[2:]),
-                n_probes=layer.n_probes, sketched=info.sketched and draws.shape[0] > 0, sketch=layer.sketch,
+                n_probes=layer.n_probes, sketched=info.sketched and draws.shape[0] > 0, sketch=layer.resolved_sketch(),
             ))
         layers.sort(key=lambda lay: lay.depth)
         conv_idx = [i for _, _, i in self.layers if self.used[i]]
@@ -562,7 +562,7 @@ def allocate_probes(
         batch: the batch the errors are measured on.
         reference_batch: another batch from the same data (the SGD-noise reference).
         candidates: allowed ``n_probes`` values; ``0`` (exact) is always allowed. Default
-            ``(0, 4, 8, 16, 32, 64)``; powers of two where a layer uses orthogonal probes.
+            ``(0, 32, 64, 128, 256, 512, 1024)``; powers of two where a layer uses orthogonal probes.
         n_draws: stochastic gradients per candidate. Default 2.
         min_voxels: inputs with fewer voxels (per sample) than this stay exact. Default 4096 (16³).
         ratio: tolerance on ``rel_error / sgd_rel_error``. Default 1 (see the module docstring for
@@ -600,7 +600,8 @@ def allocate_probes(
             per_layer = {}
             for name, (layer, _) in list(undecided.items()):
                 info = m.info[name]
-                size = r * (math.prod(layer.weight.shape[2:]) if layer.sketch == "offset" else 1)
+                sketch = layer.resolved_sketch()
+                size = {"offset": r * math.prod(layer.weight.shape[2:]), "spectral": 2 * r * info.batch}.get(sketch, r)
                 if size >= info.batch * info.voxels:  # the sketch is no smaller than the input
                     del undecided[name]
                 else:

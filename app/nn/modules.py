@@ -16,6 +16,10 @@ import torch.nn as nn
 
 from .functional import _apply, check_sketch_options
 
+DEFAULT_N_PROBES = 256
+"""Default probes per layer: with the spectral sketch, whole-network dW cosine 0.99 against exact
+(the cosine of two exact mini-batch gradients) on the default U-Net at 96³ (docs/benchmarks.md)."""
+
 
 class StochasticConvMixin:
     """Sketch options and the rule that decides when the sketch is used."""
@@ -29,7 +33,7 @@ class StochasticConvMixin:
 
     def set_sketch_options(
         self,
-        n_probes: int = 16,
+        n_probes: int = DEFAULT_N_PROBES,
         probes: str = "rademacher",
         sketch: Optional[str] = None,
         control: str = "mean",
@@ -42,6 +46,13 @@ class StochasticConvMixin:
         if min_voxels < 0:
             raise ValueError(f"min_voxels must be >= 0, but got min_voxels={min_voxels}")
         self.n_probes, self.probes, self.sketch, self.control, self.min_voxels = n_probes, probes, sketch, control, min_voxels
+
+    def resolved_sketch(self) -> str:
+        """The sketch this layer uses: its ``sketch`` or, for ``None``, ``"spectral"`` for regular
+        convolutions and ``"shifted"`` for transposed ones (the only one they have)."""
+        if isinstance(self, nn.modules.conv._ConvTransposeNd):
+            return "shifted"
+        return self.sketch or "spectral"
 
     def uses_sketch(self, x: torch.Tensor) -> bool:
         """True when this call keeps a sketch instead of the input."""
@@ -65,9 +76,7 @@ class _StochasticConvNd(StochasticConvMixin):
         if not self.uses_sketch(input):
             return super()._conv_forward(input, weight, bias)
         padding = self.padding
-        # Default per layer: strided convolutions sketch on their (smaller) output grid, which
-        # measured 2-3x lower dW error there at equal probes (docs/benchmarks.md, section 5).
-        sketch = self.sketch or ("offset" if any(s > 1 for s in self.stride) else "shifted")
+        sketch = self.resolved_sketch()
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
@@ -91,7 +100,7 @@ class _StochasticConvTransposeNd(StochasticConvMixin):
         )
         return _apply(
             input, self.weight, self.bias, self._dims, True, self.stride, self.padding, output_padding, self.dilation,
-            self.groups, self.n_probes, self.probes, self.sketch, self.control, None,
+            self.groups, self.n_probes, self.probes, self.resolved_sketch(), self.control, None,
         )
 
     def extra_repr(self) -> str:
@@ -99,7 +108,7 @@ class _StochasticConvTransposeNd(StochasticConvMixin):
 
 
 def _make_module(base: type, mixin: type, dims: int) -> type:
-    def __init__(self, *args, n_probes: int = 16, probes: str = "rademacher", sketch: Optional[str] = None,
+    def __init__(self, *args, n_probes: int = DEFAULT_N_PROBES, probes: str = "rademacher", sketch: Optional[str] = None,
                  control: str = "mean", min_voxels: int = 0, **kwargs) -> None:
         base.__init__(self, *args, **kwargs)
         self.set_sketch_options(n_probes, probes, sketch, control, min_voxels)
@@ -113,7 +122,7 @@ def _make_module(base: type, mixin: type, dims: int) -> type:
         probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
         sketch: ``"shifted"`` (``r·C_in`` numbers kept), ``"offset"`` (``r·C_in·K``; regular convs only) or
             ``"spectral"`` (``B·r·C_in`` complex Fourier coefficients; regular convs only, transposed ones use ``"shifted"``);
-            ``None`` (default): ``"offset"`` for strided convolutions, ``"shifted"`` otherwise.
+            ``None`` (default): ``"spectral"``, ``"shifted"`` for transposed convolutions.
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         min_voxels: inputs with fewer voxels than this use exact backprop (they are cheap to keep).
 

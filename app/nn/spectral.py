@@ -98,8 +98,8 @@ def sketch(
         n_probes: frequencies ``r`` kept per sample (``r // 2`` largest, the rest sampled), at most
             :func:`n_frequencies`.
         generator: draws the sampled frequencies (on ``x``'s device).
-        budget: largest spectrum block, in real numbers (the layer output's size): the FFT runs
-            over channel chunks, twice when one chunk cannot hold every channel.
+        budget: largest spectrum block, in real numbers: the FFT runs over channel chunks, twice
+            when one chunk cannot hold every channel.
 
     Returns:
         ``values`` ``(B, C_in, r)`` complex64 (``X̂`` at the kept frequencies), ``index`` ``(B, r)``

@@ -24,6 +24,7 @@ import torch
 
 from app.bench.common import environment, markdown_table
 from app.models import MODEL_NAMES
+from app.nn import DEFAULT_N_PROBES
 from app.plan.cache import default_cache_path
 from app.plan.measure import GIB
 from app.plan.planner import (
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget. Default: the device's memory")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0, 1.0, 1.0], help="voxel spacing. Default 1 1 1")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    p.add_argument("--n-probes", type=int, default=16, help="probes per stochastic layer. Default 16")
+    p.add_argument("--n-probes", type=int, default=DEFAULT_N_PROBES, help=f"probes per stochastic layer. Default {DEFAULT_N_PROBES}")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu. Default: cuda when available")

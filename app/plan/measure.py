@@ -255,7 +255,7 @@ def measure_step(
     patch_size: Sequence[int],
     batch_size: int = 1,
     variant: str | Variant = "exact",
-    n_probes: int = 16,
+    n_probes: int = app.nn.DEFAULT_N_PROBES,
     device: torch.device | str = "cuda",
     warmup: int = 1,
     repeat: int = 3,
@@ -273,7 +273,7 @@ def measure_step(
         patch_size: spatial input size, e.g. ``(128, 128, 128)``.
         batch_size: patches per step. Default 1.
         variant: e.g. ``"exact"``, ``"stochastic+lean+amp"`` (see :mod:`app.plan.variants`).
-        n_probes: probes per stochastic layer (``stochastic`` variants). Default 16.
+        n_probes: probes per stochastic layer (``stochastic`` variants). Default ``app.nn.DEFAULT_N_PROBES``.
         device: where to run. Default ``"cuda"``.
         warmup: untimed steps before the measured ones (they allocate the optimizer state and
             let the allocator settle). Default 1.

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from app.models import build_model, plan_dynunet, resolve_model_config
+from app.nn import DEFAULT_N_PROBES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.measure import (
     ERROR,
@@ -304,7 +305,7 @@ def plan(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     *,
-    n_probes: int = 16,
+    n_probes: int = DEFAULT_N_PROBES,
     sketch_options: Mapping[str, Any] | None = None,
     cache: CalibrationCache | str | os.PathLike[str] | None | bool = True,
     measure_fn: Callable[[tuple[int, ...]], StepStats] | None = None,

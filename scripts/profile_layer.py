@@ -1,0 +1,50 @@
+"""Where one stochastic convolution's forward+backward spends its time (CUDA kernels, top N).
+
+    python scripts/profile_layer.py --edge 256 --channels 32 --sketch spectral --n-probes 256 [--amp]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import app.nn as snn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--edge", type=int, default=128)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--sketch", default="spectral")
+    p.add_argument("--n-probes", type=int, default=256)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = args.channels
+    layer = snn.StochasticConv3d(c, c, 3, padding=1, stride=args.stride, n_probes=args.n_probes, sketch=args.sketch).to(dev)
+    x = torch.randn(1, c, args.edge, args.edge, args.edge, device=dev).relu_().requires_grad_()
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
+            y = layer(x)
+        y.float().square().mean().backward()
+
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(f"{args.sketch} r{args.n_probes} edge {args.edge} C {c} stride {args.stride} amp {args.amp} (3 steps)")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
