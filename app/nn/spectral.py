@@ -172,25 +172,24 @@ def weight_grad(
     freq = _unravel(index, half)  # (B, r, D)
     # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the real FFT holds
     # the last index up to L_last / 2 only, the rest is the conjugate of the mirrored frequency.
-    lengths = torch.tensor([m // s for m, s in zip(sizes, stride)], device=grad_y.device)
-    g_freq = freq % lengths
-    mirror = g_freq[..., -1] > lengths[-1] // 2
-    g_freq = torch.where(mirror[..., None], (-g_freq) % lengths, g_freq)
-    g_half = (*lengths[:-1].tolist(), int(lengths[-1]) // 2 + 1)
+    # (Python ints throughout: no host-device round trip in the backward pass.)
+    lengths = [m // s for m, s in zip(sizes, stride)]
+    g_freq = [freq[..., d] % lengths[d] for d in range(dims)]
+    mirror = g_freq[-1] > lengths[-1] // 2
+    g_half = (*lengths[:-1], lengths[-1] // 2 + 1)
     g_index = torch.zeros_like(index)
     for d in range(dims):
-        g_index = g_index * g_half[d] + g_freq[..., d]
+        g_index = g_index * g_half[d] + torch.where(mirror, (-g_freq[d]) % lengths[d], g_freq[d])
     g_freqs = math.prod(g_half)
     u = torch.empty((batch, c_out, r), device=grad_y.device, dtype=torch.complex64)
-    spatial = tuple(int(v) for v in lengths.tolist())
     # a quarter of the output per block: this runs at the backward pass's peak, and one pass suffices
-    for o0, spec in _spectra(grad_y, spatial, _channel_chunk(batch, c_out, g_freqs, budget // 4)):
+    for o0, spec in _spectra(grad_y, lengths, _channel_chunk(batch, c_out, g_freqs, budget // 4)):
         u[:, o0:o0 + spec.shape[1]] = spec.gather(2, g_index[:, None, :].expand(batch, spec.shape[1], -1))
     u = torch.where(mirror[:, None, :], u, u.conj())  # conj(Û): Û itself where it was mirrored
     # phase[b, j, k] = exp(2πi Σ_d f_d τ_{k,d} / M_d), τ = d·k − p
-    taus = torch.cartesian_prod(*[torch.arange(k, device=grad_y.device) * dl - p for k, dl, p in zip(kernel, dilation, padding)])
-    taus = taus.view(-1, dims).float()
-    angle = (freq.float() / torch.tensor(sizes, device=grad_y.device, dtype=torch.float32)) @ taus.t()  # (B, r, K)
+    taus = torch.cartesian_prod(*[(torch.arange(k, device=grad_y.device) * dl - p) / m
+                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)])
+    angle = freq.float() @ taus.view(-1, dims).t()  # (B, r, K): Σ_d f_d τ_{k,d} / M_d, in turns
     # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
     phase = torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
