@@ -149,6 +149,20 @@ def test_spectral_sketch_with_every_frequency_is_exact(dims, kwargs):
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4 * gw_ref.abs().max().item())
 
 
+def test_spectral_sketch_with_mixed_channel_energy_is_unbiased():
+    """Above N_MIXES channels the frequencies are picked from random channel mixes: still unbiased."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 8, 6, 7, 5, generator=gen) + 0.2
+    w = torch.randn(3, 8, 3, 3, 3, generator=gen, requires_grad=True)
+    gy = torch.randn(2, 3, 6, 7, 5, generator=gen)
+    (gw_ref,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, gy)
+    n = 300
+    est = torch.stack([torch.autograd.grad(snn.stochastic_conv3d(x, w, padding=1, n_probes=6, sketch="spectral", seed=s), w, gy)[0]
+                       for s in range(n)])
+    z2 = ((est.mean(0) - gw_ref) / (est.std(0) / math.sqrt(n))).pow(2).mean().item()
+    assert 0.3 < z2 < 1.6, z2
+
+
 def test_spectral_sketch_falls_back_to_exact_when_it_would_not_be_smaller():
     """With as many probes as frequencies the layer keeps its input (an ordinary conv node)."""
     x, w, b = _case_tensors(3, False, dict(padding=1))

@@ -181,8 +181,8 @@ class _StochasticConv(torch.autograd.Function):
                 ctx.fft_sizes = spectral.fft_sizes(x.shape[2:], y.shape[2:], geom.stride, geom.padding)
                 gen = torch.Generator(device=x.device)
                 gen.manual_seed(seed)
-                # up to two outputs' worth of spectrum: one FFT pass for every layer with C_in <= C_out
-                state = spectral.sketch(x, ctx.fft_sizes, n_probes, gen, 2 * ctx.budget)
+                # spectrum blocks of at most half an output: the last decoder layers run at the forward peak
+                state = spectral.sketch(x, ctx.fft_sizes, n_probes, gen, ctx.budget // 2)
             else:
                 mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
                 state = (_sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:])), mu)

@@ -12,7 +12,7 @@ For a regular convolution the weight gradient is a cross-correlation,
 grid). A shift is a phase, so one coefficient of ``X`` serves every kernel offset.
 
 The forward pass keeps, per sample, ``X̂`` at ``r`` frequencies only: the ``r/2`` with the largest
-channel energy ``m_f·‖X̂_b[:, f]‖`` exactly (this includes the mean, ``f = 0``: a built-in,
+channel energy ``m_f·‖X̂_b[:, f]‖`` (estimated from a few random ±1 channel mixes) exactly (this includes the mean, ``f = 0``: a built-in,
 exactly computed control variate), and ``r/2`` drawn with replacement from the other
 frequencies with probability ``π_f ∝ m_f·‖X̂_b[:, f]‖``, weighted ``1 / (r/2 · π_f)``. The
 estimate is unbiased for any ``π``; importance sampling makes it accurate because activations of
@@ -87,6 +87,26 @@ def _channel_chunk(batch: int, channels: int, freqs: int, budget: int) -> int:
     return max(1, min(channels, budget // max(1, 2 * batch * freqs)))
 
 
+MIN_BLOCK = 1 << 24
+"""Smallest spectrum block, in real numbers (64 MiB): small layers transform all channels at once."""
+
+N_MIXES = 4
+"""Random ±1 channel mixes whose spectra estimate the channel energy that picks the frequencies."""
+
+
+def _channel_energy(x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """``Σ_c |X̂_b[c, f]|²`` per sample: exact for up to :data:`N_MIXES` channels, otherwise estimated
+    without bias from ``N_MIXES`` random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``),
+    so the forward pass transforms every channel only once. Shape ``(B, F)``, fp32."""
+    channels = x.shape[1]
+    if channels > N_MIXES:
+        signs = torch.randint(0, 2, (N_MIXES, channels), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+        x = torch.einsum("mc,bc...->bm...", signs, x)
+    (_, spec), = _spectra(x, sizes, x.shape[1])
+    energy = spec.real.square().sum(1) + spec.imag.square().sum(1)
+    return energy / (N_MIXES if channels > N_MIXES else 1)
+
+
 def sketch(
     x: torch.Tensor, sizes: Sequence[int], n_probes: int, generator: torch.Generator, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,11 +115,10 @@ def sketch(
     Args:
         x: ``(B, C_in, *S_in)``.
         sizes: FFT lengths (:func:`fft_sizes`).
-        n_probes: frequencies ``r`` kept per sample (``r // 2`` largest, the rest sampled), at most
-            :func:`n_frequencies`.
-        generator: draws the sampled frequencies (on ``x``'s device).
-        budget: largest spectrum block, in real numbers: the FFT runs over channel chunks, twice
-            when one chunk cannot hold every channel.
+        n_probes: frequencies ``r`` kept per sample (``r - r // 2`` largest, the rest sampled).
+        generator: draws the channel mixes and the sampled frequencies (on ``x``'s device).
+        budget: largest spectrum block, in real numbers (at least :data:`MIN_BLOCK`): the FFT runs
+            over channel chunks of at most this size, once per channel.
 
     Returns:
         ``values`` ``(B, C_in, r)`` complex64 (``X̂`` at the kept frequencies), ``index`` ``(B, r)``
@@ -108,15 +127,8 @@ def sketch(
     """
     batch, channels = x.shape[:2]
     freqs = n_frequencies(sizes)
-    chunk = _channel_chunk(batch, channels, freqs, budget)
-    energy = x.new_zeros((batch, freqs), dtype=torch.float32)
-    whole = None
-    for _, spec in _spectra(x, sizes, chunk):
-        energy += spec.real.square().sum(1) + spec.imag.square().sum(1)
-        if chunk == channels:
-            whole = spec
     mult = _multiplicity(sizes, x.device)
-    score = energy.sqrt_() * mult
+    score = _channel_energy(x, sizes, generator).sqrt_() * mult
     n_top = min(n_probes - n_probes // 2, freqs)
     n_drawn = n_probes - n_top
     top = torch.topk(score, n_top, dim=1, sorted=False).indices  # (B, n_top)
@@ -131,13 +143,10 @@ def sketch(
         drawn_weight = torch.where(prob > 0, mult[drawn] / (n_drawn * prob.clamp_min(1e-30)), torch.zeros_like(prob))
         index = torch.cat([top, drawn], dim=1)
         weight = torch.cat([weight, drawn_weight], dim=1)
-    gather_at = index[:, None, :]
-    if whole is not None:
-        values = whole.gather(2, gather_at.expand(batch, channels, -1))
-    else:
-        values = torch.empty((batch, channels, index.shape[1]), device=x.device, dtype=torch.complex64)
-        for c0, spec in _spectra(x, sizes, chunk):
-            values[:, c0:c0 + spec.shape[1]] = spec.gather(2, gather_at.expand(batch, spec.shape[1], -1))
+    values = torch.empty((batch, channels, index.shape[1]), device=x.device, dtype=torch.complex64)
+    at = index[:, None, :]
+    for c0, spec in _spectra(x, sizes, _channel_chunk(batch, channels, freqs, max(budget, MIN_BLOCK))):
+        values[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
     return values, index, weight
 
 
@@ -182,8 +191,8 @@ def weight_grad(
         g_index = g_index * g_half[d] + torch.where(mirror, (-g_freq[d]) % lengths[d], g_freq[d])
     g_freqs = math.prod(g_half)
     u = torch.empty((batch, c_out, r), device=grad_y.device, dtype=torch.complex64)
-    # a quarter of the output per block: this runs at the backward pass's peak, and one pass suffices
-    for o0, spec in _spectra(grad_y, lengths, _channel_chunk(batch, c_out, g_freqs, budget // 4)):
+    # a quarter of the output per block (this runs at the backward pass's peak), or MIN_BLOCK
+    for o0, spec in _spectra(grad_y, lengths, _channel_chunk(batch, c_out, g_freqs, max(budget // 4, MIN_BLOCK))):
         u[:, o0:o0 + spec.shape[1]] = spec.gather(2, g_index[:, None, :].expand(batch, spec.shape[1], -1))
     u = torch.where(mirror[:, None, :], u, u.conj())  # conj(Û): Û itself where it was mirrored
     # phase[b, j, k] = exp(2πi Σ_d f_d τ_{k,d} / M_d), τ = d·k − p
