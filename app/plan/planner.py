@@ -65,13 +65,13 @@ __all__ = [
 # not saved for backward (the gradient being back-propagated, the forward's transient outputs and
 # the skip tensors, torch.cat copies), so the factor is above 1, and far above 1 when little is
 # saved (ckpt, lean). On CUDA, `python -m app.bench memory` prints it per row ("calib" column);
-# CALIBRATION_FACTORS is to be filled from the H200 run (DynUNet default, 192^3-256^3). Until then
-# every variant uses DEFAULT_CALIBRATION_FACTOR, from shared/METHOD.md's one reference point (a
-# 32-320 U-Net, exact fp32, 256^3: "about 42 GB" peak on an H200) against the default DynUNet's
-# count on the CPU (1749 B/voxel saved, i.e. 29.3e9 B at 256^3; 0.5e9 B of weights, gradients and
-# AdamW moments): (42 - 0.5) / 29.3 = 1.42 if GB means 1e9 bytes, 1.52 if it means GiB.
-DEFAULT_CALIBRATION_FACTOR = 1.45
-CALIBRATION_FACTORS: dict[str, float] = {}
+# CALIBRATION_FACTORS holds the H200 figures of the default DynUNet at 256^3 (docs/benchmarks.md,
+# section 2; default sketch). DEFAULT_CALIBRATION_FACTOR (variants not listed) is the exact one.
+CALIBRATION_FACTORS: dict[str, float] = {
+    "exact": 1.27, "amp": 1.24, "ckpt": 3.85, "stochastic": 1.34,
+    "stochastic+lean": 3.02, "stochastic+lean+amp": 2.34, "stochastic+lean+ckpt": 4.98,
+}
+DEFAULT_CALIBRATION_FACTOR = 1.27
 # Weights, their gradients and AdamW's two moment buffers: 4x the parameter bytes.
 STATE_BYTES_PER_PARAMETER_BYTE = 4
 
