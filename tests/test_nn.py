@@ -42,6 +42,10 @@ CASES = [
     (2, True, dict(stride=2, dilation=3, padding=2, output_padding=2), "shifted"),
     (3, True, dict(stride=2), "shifted"),
     (3, True, dict(groups=2, padding=1), "shifted"),
+    (1, True, dict(stride=2, padding=1, output_padding=1), "spectral"),
+    (2, True, dict(stride=2, dilation=3, padding=2, output_padding=2), "spectral"),
+    (3, True, dict(stride=2), "spectral"),
+    (3, True, dict(groups=2, padding=1), "spectral"),
 ]
 
 
@@ -130,17 +134,21 @@ def _padded_conv3d_case():
     return x, w, b, gy, gw_ref
 
 
-@pytest.mark.parametrize("dims,kwargs", [(1, dict(padding=1)), (2, dict(stride=(2, 3), padding=1)),
-                                         (3, dict(padding=2, dilation=2, groups=2)), (3, dict(stride=2))])
-def test_spectral_sketch_with_every_frequency_is_exact(dims, kwargs):
+@pytest.mark.parametrize("dims,transposed,kwargs", [
+    (1, False, dict(padding=1)), (2, False, dict(stride=(2, 3), padding=1)), (3, False, dict(padding=2, dilation=2, groups=2)),
+    (3, False, dict(stride=2)), (3, True, dict(stride=2)), (2, True, dict(stride=2, dilation=3, padding=2, output_padding=2)),
+    (3, True, dict(stride=2, padding=1, output_padding=1, groups=2)),
+])
+def test_spectral_sketch_with_every_frequency_is_exact(dims, transposed, kwargs):
     """Keeping every Fourier coefficient reproduces dW to fp32 rounding: the FFT grid neither wraps
-    the correlation around nor loses the strided grid."""
-    x, w, b = _case_tensors(dims, False, kwargs)
+    the correlation around nor loses the strided grid (transposed: every alias of x's frequencies)."""
+    x, w, b = _case_tensors(dims, transposed, kwargs)
     geom = ConvGeometry(
         stride=_ntuple(kwargs.get("stride", 1), dims, "stride"), padding=_ntuple(kwargs.get("padding", 0), dims, "padding"),
         dilation=_ntuple(kwargs.get("dilation", 1), dims, "dilation"), groups=kwargs.get("groups", 1), kernel=tuple(w.shape[2:]),
+        transposed=transposed, output_padding=_ntuple(kwargs.get("output_padding", 0), dims, "output_padding") if transposed else (),
     )
-    y_ref = _exact(dims, False, kwargs, x, w, b)
+    y_ref = _exact(dims, transposed, kwargs, x, w, b)
     gy = torch.randn_like(y_ref)
     (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
     everything = 2 * _spectral_frequencies(x.shape[2:], geom)
@@ -516,7 +524,7 @@ def test_autograd_function_saves_no_input():
         assert shapes == sorted([(), *sketch_shapes, (5, 3, 3, 3, 3)])
 
 
-def test_module_default_sketch_is_spectral_and_shifted_for_transposed():
+def test_module_default_sketch_is_spectral():
     x = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
     for stride in (1, 2):
         layer = snn.StochasticConv3d(3, 4, 3, stride=stride, padding=1, n_probes=16)
@@ -524,6 +532,6 @@ def test_module_default_sketch_is_spectral_and_shifted_for_transposed():
         sketch_shapes = [tuple(t.shape) for t in layer(x).grad_fn.saved_tensors if t is not None and t.dim() >= 2]
         assert (1, 3, 16) in sketch_shapes, (stride, sketch_shapes)  # (B, C_in, r) Fourier coefficients
     layer = snn.StochasticConvTranspose3d(3, 4, 2, stride=2, n_probes=16)
-    assert layer.resolved_sketch() == "shifted"
+    assert layer.resolved_sketch() == "spectral"
     sketch_shapes = [tuple(t.shape) for t in layer(x).grad_fn.saved_tensors if t is not None and t.dim() >= 2]
-    assert (16, 3) in sketch_shapes, sketch_shapes
+    assert (1, 3, 16) in sketch_shapes, sketch_shapes

@@ -44,8 +44,7 @@ def convert(
         include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
         exclude: patterns of names to leave alone (checked after ``include``).
         probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; ``sketch=None``
-            (default) picks ``"spectral"`` for regular convolutions; transposed convolutions
-            always use ``"shifted"``.
+            (default) is ``"spectral"``; ``"offset"`` becomes ``"shifted"`` on transposed convolutions.
         lean: also swap ReLU/LeakyReLU for 1-bit-mask versions, PReLU/GELU for versions keeping
             their input in ``lean_storage`` dtype, and instance/group/batch norms for versions keeping
             only the normalised tensor (``app.nn.lean``): the whole block gets lean.

@@ -12,12 +12,12 @@ Two sketches (``sketch=``):
                  the backward shifts the probes with the convolution's own geometry
                  (``conv_weight_grad(Z, dY)``), so zero padding, stride and dilation are exact and
                  nothing wraps around. ``K`` times less memory per probe, more backward work.
-                 Transposed convolutions always use this one (their input is the small side).
+                 Transposed convolutions use this one or ``"spectral"`` (their input is the small side).
   ``"spectral"`` the forward keeps, per sample, the input's Fourier coefficients at ``r``
                  frequencies (the ``r/2`` strongest exactly, ``r/2`` importance-sampled); a
                  shift is a phase, so they serve every kernel offset, and the backward is an
                  FFT of ``dY`` and an ``r``-term sum (:mod:`.spectral`). ``B · r · C_in`` complex
-                 numbers; regular convolutions only. Where ``r`` reaches the number of
+                 numbers (of a transposed convolution: of its input, on the strided grid). Where ``r`` reaches the number of
                  frequencies the layer keeps its input and is exact (the sketch would be larger).
 
 Control variate (``control="mean"``): ``X = μ + R`` with ``μ`` the per-sample, per-channel mean of the
@@ -178,11 +178,11 @@ class _StochasticConv(torch.autograd.Function):
                 ctx.save_for_backward(keep_weight, None)
                 return y
             if sketch == "spectral":
-                ctx.fft_sizes = spectral.fft_sizes(x.shape[2:], y.shape[2:], geom.stride, geom.padding)
+                ctx.fft_sizes, grid = _spectral_grids(x.shape[2:], y.shape[2:], geom)
                 gen = torch.Generator(device=x.device)
                 gen.manual_seed(seed)
                 # spectrum blocks of at most half an output: the last decoder layers run at the forward peak
-                state = spectral.sketch(x, ctx.fft_sizes, n_probes, gen, ctx.budget // 2)
+                state = spectral.sketch(x, grid, n_probes, gen, ctx.budget // 2)
             else:
                 mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
                 state = (_sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:])), mu)
@@ -202,7 +202,8 @@ class _StochasticConv(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom)
             if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
-                grad_w = spectral.weight_grad(
+                estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
+                grad_w = estimate(
                     grad_y, *state, ctx.fft_sizes, geom.stride, geom.padding, geom.dilation, geom.kernel, geom.groups, ctx.budget,
                 )
             elif ctx.needs_input_grad[1]:
@@ -325,13 +326,29 @@ def _resolve_padding(
     return _pad_end(x, extra), left
 
 
+def _spectral_grids(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: ConvGeometry) -> tuple[tuple[int, ...], list[int]]:
+    """``(M, grid)``: the spectral sketch's FFT lengths and the grid its input is transformed on
+    (``M`` itself, or ``M / s`` for a transposed convolution, whose input is the strided side)."""
+    if geom.transposed:
+        sizes = spectral.fft_sizes(out_spatial, in_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
+        return sizes, [m // s for m, s in zip(sizes, geom.stride)]
+    sizes = spectral.fft_sizes(in_spatial, out_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
+    return sizes, list(sizes)
+
+
 def _spectral_frequencies(in_spatial: Sequence[int], geom: ConvGeometry) -> int:
-    """Frequencies a spectral sketch of this (regular) convolution could keep."""
-    out_spatial = [
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, p, d, k, s in zip(in_spatial, geom.padding, geom.dilation, geom.kernel, geom.stride)
-    ]
-    return spectral.n_frequencies(spectral.fft_sizes(in_spatial, out_spatial, geom.stride, geom.padding))
+    """Frequencies a spectral sketch of this convolution could keep."""
+    if geom.transposed:
+        out_spatial = [
+            (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+            for n, s, p, d, k, op in zip(in_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel, geom.output_padding)
+        ]
+    else:
+        out_spatial = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(in_spatial, geom.padding, geom.dilation, geom.kernel, geom.stride)
+        ]
+    return spectral.n_frequencies(_spectral_grids(in_spatial, out_spatial, geom)[1])
 
 
 def _autocast_inputs(
@@ -369,9 +386,9 @@ def _apply(
     if sketch is None:
         sketch = "shifted"
     check_sketch_options(n_probes, probes, sketch, control)
-    if transposed and sketch in ("offset", "spectral"):
-        raise ValueError(f"{name}: sketch={sketch!r} is not available for transposed convolutions (their input is the "
-                         "small side, so the input-grid sketch is both smaller and exact); use sketch='shifted'")
+    if transposed and sketch == "offset":
+        raise ValueError(f"{name}: sketch='offset' is not available for transposed convolutions (their input is the "
+                         "small side, so an input-grid sketch is smaller); use sketch='shifted' or 'spectral'")
     stride_t = _ntuple(stride, dims, "stride")
     dilation_t = _ntuple(dilation, dims, "dilation")
     kernel = tuple(weight.shape[2:])

@@ -41,17 +41,14 @@ class StochasticConvMixin:
     ) -> None:
         """Validates and sets the sketch options (``sketch=None``: the layer kind's default)."""
         check_sketch_options(n_probes, probes, sketch, control)
-        if isinstance(self, nn.modules.conv._ConvTransposeNd) and sketch in ("offset", "spectral"):
-            sketch = "shifted"  # the only sketch of a transposed convolution (see functional)
+        if isinstance(self, nn.modules.conv._ConvTransposeNd) and sketch == "offset":
+            sketch = "shifted"  # a transposed convolution's input is its small side: sketch it there
         if min_voxels < 0:
             raise ValueError(f"min_voxels must be >= 0, but got min_voxels={min_voxels}")
         self.n_probes, self.probes, self.sketch, self.control, self.min_voxels = n_probes, probes, sketch, control, min_voxels
 
     def resolved_sketch(self) -> str:
-        """The sketch this layer uses: its ``sketch`` or, for ``None``, ``"spectral"`` for regular
-        convolutions and ``"shifted"`` for transposed ones (the only one they have)."""
-        if isinstance(self, nn.modules.conv._ConvTransposeNd):
-            return "shifted"
+        """The sketch this layer uses: its ``sketch``, or ``"spectral"`` for ``None``."""
         return self.sketch or "spectral"
 
     def uses_sketch(self, x: torch.Tensor) -> bool:
@@ -121,8 +118,8 @@ def _make_module(base: type, mixin: type, dims: int) -> type:
         n_probes: probes of the trace estimator (memory ``r·C_in·K`` or ``r·C_in`` numbers); ``0`` = exact backprop.
         probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
         sketch: ``"shifted"`` (``r·C_in`` numbers kept), ``"offset"`` (``r·C_in·K``; regular convs only) or
-            ``"spectral"`` (``B·r·C_in`` complex Fourier coefficients; regular convs only, transposed ones use ``"shifted"``);
-            ``None`` (default): ``"spectral"``, ``"shifted"`` for transposed convolutions.
+            ``"spectral"`` (``B·r·C_in`` complex Fourier coefficients);
+            ``None`` (default): ``"spectral"``.
         control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
         min_voxels: inputs with fewer voxels than this use exact backprop (they are cheap to keep).
 

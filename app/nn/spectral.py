@@ -43,10 +43,16 @@ def _smooth(n: int, multiple: int) -> int:
         m += multiple
 
 
-def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, ...]:
-    """Per dimension, the FFT length on which the weight-gradient correlation does not wrap around."""
+def fft_sizes(
+    in_spatial: Sequence[int], out_spatial: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], kernel: Sequence[int],
+) -> tuple[int, ...]:
+    """Per dimension, the FFT length on which the weight-gradient correlation of the regular
+    convolution ``in_spatial -> out_spatial`` does not wrap around (for a transposed convolution:
+    its output grid is ``in_spatial``, its input grid ``out_spatial``). A multiple of the stride."""
     return tuple(
-        _smooth(max(n_in + p, s * n_out), s) for n_in, n_out, s, p in zip(in_spatial, out_spatial, stride, padding)
+        _smooth(max(n_in + p, s * n_out, s * (n_out - 1) + d * (k - 1) - p + 1), s)
+        for n_in, n_out, s, p, d, k in zip(in_spatial, out_spatial, stride, padding, dilation, kernel)
     )
 
 
@@ -213,4 +219,72 @@ def weight_grad(
     return grad_w.reshape(c_out, cig, *kernel)
 
 
-__all__ = ["fft_sizes", "n_frequencies", "sketch", "weight_grad"]
+def transposed_weight_grad(
+    grad_y: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    sizes: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    kernel: Sequence[int],
+    groups: int,
+    budget: int,
+) -> torch.Tensor:
+    """The unbiased weight-gradient estimate of a transposed convolution from :func:`sketch`'s
+    output, taken of its (small) input ``x`` on the grid ``L = M / s``.
+
+    ``dW[c, o, k] = Σ_b Σ_n x[b, c, n] · dY[b, o, s·n + τ_k]`` is the correlation of the regular
+    convolution with the roles swapped: ``x`` spread on the strided grid has the spectrum
+    ``x̂[f mod L]``, so each kept frequency ``f'`` of ``x`` meets ``dY``'s spectrum at its ``prod(s)``
+    aliases ``f' + j·L``, all summed exactly.
+
+    Args:
+        grad_y: ``(B, C_out, *S_out)``.
+        values, index, weight: the sketch of ``x`` (frequencies of the ``L`` grid).
+        sizes: ``M`` (:func:`fft_sizes` of the output grid onto the input grid).
+        stride, padding, dilation, kernel, groups: the transposed convolution's.
+        budget: largest spectrum block of ``dY``, in real numbers.
+
+    Returns:
+        ``(C_in, C_out / groups, *K)`` in fp32.
+    """
+    batch, c_out = grad_y.shape[:2]
+    c_in, r = values.shape[1], values.shape[2]
+    dims, dev = len(sizes), grad_y.device
+    lengths = [m // s for m, s in zip(sizes, stride)]
+    small = _unravel(index, (*lengths[:-1], lengths[-1] // 2 + 1))  # (B, r, D)
+    # F_d = f'_d + j_d·L_d for every alias j: (B, A, r) with A = prod(stride)
+    big = []
+    for d in range(dims):
+        shape = [1] * (dims + 2)
+        shape[1 + d] = stride[d]
+        offsets = (torch.arange(stride[d], device=dev) * lengths[d]).view(shape)
+        big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *stride, r).reshape(batch, -1, r))
+    mirror = big[-1] > sizes[-1] // 2  # the real FFT keeps the conjugate of the mirrored frequency
+    half = (*sizes[:-1], sizes[-1] // 2 + 1)
+    flat = torch.zeros_like(big[0])
+    for d in range(dims):
+        flat = flat * half[d] + torch.where(mirror, (-big[d]) % sizes[d], big[d])
+    aliases = flat.shape[1]
+    spec_y = torch.empty((batch, c_out, aliases * r), device=dev, dtype=torch.complex64)
+    at = flat.view(batch, 1, -1)
+    for o0, spec in _spectra(grad_y, sizes, _channel_chunk(batch, c_out, math.prod(half), max(budget // 4, MIN_BLOCK))):
+        spec_y[:, o0:o0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    spec_y = torch.where(mirror.view(batch, 1, -1), spec_y.conj(), spec_y).view(batch, c_out, aliases, r)
+    taus = torch.cartesian_prod(*[(torch.arange(k, device=dev) * dl - p) / m
+                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)]).view(-1, dims)
+    angle = torch.stack(big, dim=-1).float() @ taus.t()  # (B, A, r, K), in turns
+    phase = torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+    summed = torch.einsum("boaj,bajk->bojk", spec_y, phase)  # Σ over aliases: (B, C_out, r, K)
+    scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
+    cig, cog = c_in // groups, c_out // groups
+    k_numel = phase.shape[-1]
+    left = (values.conj() * scale[:, None, :]).view(batch, groups, cig, r).permute(1, 2, 0, 3).reshape(groups, cig, batch * r)
+    right = summed.view(batch, groups, cog, r, k_numel).permute(1, 0, 3, 2, 4).reshape(groups, batch * r, cog * k_numel)
+    grad_w = torch.bmm(left, right).real  # (G, C_in/G, C_out/G · K)
+    return grad_w.reshape(c_in, cog, *kernel)
+
+
+__all__ = ["fft_sizes", "n_frequencies", "sketch", "transposed_weight_grad", "weight_grad"]
