@@ -156,6 +156,34 @@ def sketch(
     return values, index, weight
 
 
+def _spectrum_at(t: torch.Tensor, grid: Sequence[int], coords: Sequence[torch.Tensor], budget: int) -> torch.Tensor:
+    """``DFT_grid(t)`` at the full-grid frequencies ``coords`` (one ``(B, n)`` tensor per dimension,
+    ``0 <= f_d < grid_d``), from real FFTs in channel blocks of at most ``budget`` real numbers:
+    a frequency past the real FFT's last half is the conjugate of its mirror. Shape ``(B, C, n)``."""
+    batch, channels = t.shape[:2]
+    mirror = coords[-1] > grid[-1] // 2
+    half = (*grid[:-1], grid[-1] // 2 + 1)
+    flat = torch.zeros_like(coords[0])
+    for d, f in enumerate(coords):
+        flat = flat * half[d] + torch.where(mirror, (-f) % grid[d], f)
+    out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
+    at = flat[:, None, :]
+    for c0, spec in _spectra(t, grid, _channel_chunk(batch, channels, math.prod(half), max(budget, MIN_BLOCK))):
+        out[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    return torch.where(mirror[:, None, :], out.conj(), out)
+
+
+def _phase(coords: Sequence[torch.Tensor], sizes: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
+           padding: Sequence[int]) -> torch.Tensor:
+    """``exp(2πi Σ_d f_d τ_{k,d} / M_d)`` with ``τ = d·k − p`` for frequencies ``coords`` (one
+    tensor per dimension, any shape ``S``): shape ``(*S, K)``."""
+    taus = torch.cartesian_prod(*[(torch.arange(k, device=coords[0].device) * dl - p) / m
+                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)])
+    angle = torch.stack(coords, dim=-1).float() @ taus.view(-1, len(sizes)).t()  # in turns
+    # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
+    return torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+
+
 def weight_grad(
     grad_y: torch.Tensor,
     values: torch.Tensor,
@@ -185,28 +213,11 @@ def weight_grad(
     dims = len(sizes)
     half = (*sizes[:-1], sizes[-1] // 2 + 1)
     freq = _unravel(index, half)  # (B, r, D)
-    # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the real FFT holds
-    # the last index up to L_last / 2 only, the rest is the conjugate of the mirrored frequency.
-    # (Python ints throughout: no host-device round trip in the backward pass.)
+    # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the estimate needs conj(Û)
     lengths = [m // s for m, s in zip(sizes, stride)]
-    g_freq = [freq[..., d] % lengths[d] for d in range(dims)]
-    mirror = g_freq[-1] > lengths[-1] // 2
-    g_half = (*lengths[:-1], lengths[-1] // 2 + 1)
-    g_index = torch.zeros_like(index)
-    for d in range(dims):
-        g_index = g_index * g_half[d] + torch.where(mirror, (-g_freq[d]) % lengths[d], g_freq[d])
-    g_freqs = math.prod(g_half)
-    u = torch.empty((batch, c_out, r), device=grad_y.device, dtype=torch.complex64)
-    # a quarter of the output per block (this runs at the backward pass's peak), or MIN_BLOCK
-    for o0, spec in _spectra(grad_y, lengths, _channel_chunk(batch, c_out, g_freqs, max(budget // 4, MIN_BLOCK))):
-        u[:, o0:o0 + spec.shape[1]] = spec.gather(2, g_index[:, None, :].expand(batch, spec.shape[1], -1))
-    u = torch.where(mirror[:, None, :], u, u.conj())  # conj(Û): Û itself where it was mirrored
-    # phase[b, j, k] = exp(2πi Σ_d f_d τ_{k,d} / M_d), τ = d·k − p
-    taus = torch.cartesian_prod(*[(torch.arange(k, device=grad_y.device) * dl - p) / m
-                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)])
-    angle = freq.float() @ taus.view(-1, dims).t()  # (B, r, K): Σ_d f_d τ_{k,d} / M_d, in turns
-    # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
-    phase = torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+    coords = [freq[..., d] for d in range(dims)]
+    u = _spectrum_at(grad_y, lengths, [f % n for f, n in zip(coords, lengths)], budget // 4).conj()
+    phase = _phase(coords, sizes, kernel, dilation, padding)  # (B, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
     cog, cig = c_out // groups, c_in // groups
     left = (u * scale[:, None, :]).view(batch, groups, cog, r)
@@ -262,21 +273,9 @@ def transposed_weight_grad(
         shape[1 + d] = stride[d]
         offsets = (torch.arange(stride[d], device=dev) * lengths[d]).view(shape)
         big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *stride, r).reshape(batch, -1, r))
-    mirror = big[-1] > sizes[-1] // 2  # the real FFT keeps the conjugate of the mirrored frequency
-    half = (*sizes[:-1], sizes[-1] // 2 + 1)
-    flat = torch.zeros_like(big[0])
-    for d in range(dims):
-        flat = flat * half[d] + torch.where(mirror, (-big[d]) % sizes[d], big[d])
-    aliases = flat.shape[1]
-    spec_y = torch.empty((batch, c_out, aliases * r), device=dev, dtype=torch.complex64)
-    at = flat.view(batch, 1, -1)
-    for o0, spec in _spectra(grad_y, sizes, _channel_chunk(batch, c_out, math.prod(half), max(budget // 4, MIN_BLOCK))):
-        spec_y[:, o0:o0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
-    spec_y = torch.where(mirror.view(batch, 1, -1), spec_y.conj(), spec_y).view(batch, c_out, aliases, r)
-    taus = torch.cartesian_prod(*[(torch.arange(k, device=dev) * dl - p) / m
-                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)]).view(-1, dims)
-    angle = torch.stack(big, dim=-1).float() @ taus.t()  # (B, A, r, K), in turns
-    phase = torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+    aliases = big[0].shape[1]
+    spec_y = _spectrum_at(grad_y, sizes, [f.reshape(batch, -1) for f in big], budget // 4).view(batch, c_out, aliases, r)
+    phase = _phase(big, sizes, kernel, dilation, padding)  # (B, A, r, K)
     summed = torch.einsum("boaj,bajk->bojk", spec_y, phase)  # Σ over aliases: (B, C_out, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
     cig, cog = c_in // groups, c_out // groups
