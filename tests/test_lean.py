@@ -351,3 +351,50 @@ def test_dynunet_full_resolution_block_saved_bytes():
     assert counts["exact"] == 3 * 4 * channels * voxels + 3 * 4 * channels
     per_voxel = (2 + 1 / 8) * channels * voxels
     assert per_voxel < counts["stochastic+lean"] < per_voxel + 8192, counts  # spectral sketch (16 x 32 complex), seed, invstd
+
+
+def _norm_dropout_prelu(shared: bool):
+    """MONAI's ADN order (norm, Dropout(0), act) with an affine-free lean norm and a lean PReLU."""
+    block = torch.nn.Sequential(torch.nn.InstanceNorm3d(6), torch.nn.Dropout(0.0), torch.nn.PReLU(6, init=0.2))
+    snn.convert(block, 0, lean=True)
+    if not shared:
+        block.insert(2, torch.nn.Identity())
+        block[2].forward = lambda t: t * 1.0  # a new tensor: nothing to share
+    return block.train()
+
+
+def test_lean_prelu_keeps_the_lean_norms_copy():
+    """After an affine-free lean norm (MONAI UNet's ADN blocks) the PReLU keeps no tensor of its
+    own: 2 B per element for the pair instead of 4, with the same gradients as unshared."""
+    x = torch.randn(2, 6, 8, 8, 8, requires_grad=True)
+    grads, saved = {}, {}
+    for shared in (True, False):
+        block = _norm_dropout_prelu(shared)
+        with snn.SavedTensorCounter(ignore=block.parameters()) as counter:
+            y = block(x)
+        saved[shared] = counter.bytes
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+        grads[shared] = torch.autograd.grad(y, (x, block[-1].weight), gy)
+    elements = x.numel()
+    assert saved[True] < 2 * elements + 1024 < saved[False], saved  # bf16 x̂ once (+ σ⁻¹), vs twice
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1], rtol=1e-5, atol=1e-5)
+
+
+def test_lean_prelu_does_not_share_a_copy_modified_in_place():
+    """An in-place change between the norm and the PReLU makes the norm's copy stale: the PReLU then
+    keeps its own, and its gradients stay right."""
+    x = torch.randn(1, 3, 5, 5, 5, requires_grad=True)
+    norm, act = snn.LeanInstanceNorm3d(3), snn.LeanPReLU(3, init=0.3)
+    act.storage = norm.storage = torch.float32
+    h = norm(x)
+    h.mul_(-1.0)  # bumps the version: the kept x̂ no longer equals h
+    y = act(h)
+    gy = torch.randn_like(y)
+    gx, ga = torch.autograd.grad(y, (x, act.weight), gy)
+    xr = x.detach().clone().requires_grad_()
+    ar = act.weight.detach().clone().requires_grad_()
+    yr = F.prelu(-F.instance_norm(xr), ar)
+    gxr, gar = torch.autograd.grad(yr, (xr, ar), gy)
+    torch.testing.assert_close(gx, gxr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ga, gar, rtol=1e-4, atol=1e-5)

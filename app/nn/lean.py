@@ -106,24 +106,33 @@ class _LeanPReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
         y = F.prelu(x, weight)
-        neg_x = torch.empty(x.shape, dtype=_kept_dtype(x.dtype, storage), device=x.device)
-        torch.sub(x.new_zeros(()), x, out=neg_x)  # one kernel on CUDA; the cast happens on store
-        ctx.save_for_backward(neg_x, weight)
+        shared, version = getattr(x, "_lean_copy", (None, None))
+        ctx.negated = not (shared is not None and version == x._version and shared.dtype == _kept_dtype(x.dtype, storage))
+        if ctx.negated:
+            kept = torch.empty(x.shape, dtype=_kept_dtype(x.dtype, storage), device=x.device)
+            torch.sub(x.new_zeros(()), x, out=kept)  # one kernel on CUDA; the cast happens on store
+        else:
+            # x is an affine-free lean norm's untouched output: keep the x̂ copy that norm keeps
+            # (no second full-size tensor). x > 0 is then read as kept > 0.
+            kept = shared
+        ctx.save_for_backward(kept, weight)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
-        neg_x, weight = ctx.saved_tensors
+        kept, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
             # Σ g · x · [x ≤ 0] = −Σ g · relu(−x), per channel (C weights) or over everything (one weight)
-            dims = [d for d in range(neg_x.dim()) if d != 1 or weight.numel() == 1]
+            dims = [d for d in range(kept.dim()) if d != 1 or weight.numel() == 1]
             compute = torch.promote_types(grad_y.dtype, torch.float32)
-            grad_w = torch.mul(F.relu(neg_x), grad_y).sum(dims, dtype=compute).neg_().reshape(weight.shape).to(weight.dtype)
+            neg_part = F.relu(kept) if ctx.negated else F.relu(kept.neg())
+            grad_w = torch.mul(neg_part, grad_y).sum(dims, dtype=compute).neg_().reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             slope = _channel_view(weight.to(grad_y.dtype), grad_y.dim())
-            grad_x = torch.where(torch.signbit(neg_x), grad_y.new_ones(()), slope).mul_(grad_y)
+            positive = torch.signbit(kept) if ctx.negated else kept > 0
+            grad_x = torch.where(positive, grad_y.new_ones(()), slope).mul_(grad_y)
         return grad_x, grad_w, None
 
 
@@ -222,7 +231,10 @@ class _LeanNorm(torch.autograd.Function):
             y.add_(bias.to(compute).view(shape))
         ctx.mode, ctx.groups, ctx.has_weight, ctx.has_bias = mode, groups, weight is not None, bias is not None
         ctx.save_for_backward(kept, invstd, weight)
-        return y.to(x.dtype)
+        out = y.to(x.dtype)
+        if weight is None and bias is None:  # out is x̂: a lean PReLU right after may keep this same copy
+            out._lean_copy = (kept, out._version)
+        return out
 
     @staticmethod
     def backward(ctx, grad_y):
