@@ -62,14 +62,11 @@ def n_frequencies(sizes: Sequence[int]) -> int:
 
 
 def _multiplicity(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``m_f``: 1 on the real FFT's self-conjugate planes (last index 0 and, for even lengths, the
-    Nyquist index), 2 elsewhere. Shape ``(F,)``, fp32."""
+    """``m_f`` along the real FFT's last axis (it depends on nothing else): 1 on the self-conjugate
+    planes (index 0 and, for even lengths, the Nyquist index), 2 elsewhere. Shape ``(M_last // 2 + 1,)``."""
     last = sizes[-1] // 2 + 1
-    m = torch.full((last,), 2.0, device=device)
-    m[0] = 1.0
-    if sizes[-1] % 2 == 0:
-        m[-1] = 1.0
-    return m.repeat(math.prod(sizes[:-1]))
+    index = torch.arange(last, device=device)
+    return torch.where((index == 0) | (2 * index == sizes[-1]), 1.0, 2.0)
 
 
 def _unravel(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -133,12 +130,14 @@ def sketch(
     """
     batch, channels = x.shape[:2]
     freqs = n_frequencies(sizes)
-    mult = _multiplicity(sizes, x.device)
-    score = _channel_energy(x, sizes, generator).sqrt_() * mult
+    mult = _multiplicity(sizes, x.device)  # m_f = mult[f % last]
+    last = mult.shape[0]
+    score = _channel_energy(x, sizes, generator).sqrt_()
+    score.view(batch, -1, last).mul_(mult)
     n_top = min(n_probes - n_probes // 2, freqs)
     n_drawn = n_probes - n_top
     top = torch.topk(score, n_top, dim=1, sorted=False).indices  # (B, n_top)
-    index, weight = top, mult[top]
+    index, weight = top, mult[top % last]
     if n_drawn > 0:
         rest = score.scatter_(1, top, 0.0)
         cdf = torch.cumsum(rest, dim=1, dtype=torch.float64)
@@ -146,7 +145,7 @@ def sketch(
         u = torch.rand((batch, n_drawn), generator=generator, device=x.device, dtype=torch.float64) * total
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=freqs - 1)
         prob = (rest.gather(1, drawn).double() / total).float()
-        drawn_weight = torch.where(prob > 0, mult[drawn] / (n_drawn * prob.clamp_min(1e-30)), torch.zeros_like(prob))
+        drawn_weight = torch.where(prob > 0, mult[drawn % last] / (n_drawn * prob.clamp_min(1e-30)), 0.0)
         index = torch.cat([top, drawn], dim=1)
         weight = torch.cat([weight, drawn_weight], dim=1)
     values = torch.empty((batch, channels, index.shape[1]), device=x.device, dtype=torch.complex64)
