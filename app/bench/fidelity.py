@@ -9,14 +9,14 @@ noise SGD already lives with. Prints markdown tables headed by the environment a
 ``fidelity.md``, ``fidelity.json`` and ``fidelity.png`` (relative error per layer against depth, one
 line per estimator and ``r``, SGD noise dashed) to ``--out``.
 
-Estimator names: a sketch (``auto``: the layers' default, offset for strided convolutions and
-shifted otherwise; ``shifted``; ``offset``; ``spectral``) followed by optional ``-gaussian`` /
+Estimator names: a sketch (``auto``: the layers' default, spectral; ``spectral``; ``shifted``;
+``offset``) followed by optional ``-gaussian`` /
 ``-orthogonal`` / ``-rademacher`` (probe family, default rademacher) and ``-nocv`` (no control
 variate), e.g. ``shifted``, ``offset``, ``shifted-gaussian``, ``shifted-orthogonal``, ``shifted-nocv``.
 
 Examples::
 
-    python -m app.bench fidelity --data synthetic --patch 64 --warmup-steps 50 --n-probes 4 16 64 --out bench-out
+    python -m app.bench fidelity --data synthetic --patch 64 --warmup-steps 50 --n-probes 16 64 256 --out bench-out
     python -m app.bench fidelity --checkpoint outputs/train/.../checkpoints/best.pt --data mni --patch 96
 """
 
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch", type=int, nargs="+", default=[64], help="patch size, one or three values (default 64)")
     g.add_argument("--batch-size", type=int, default=2, help="patches per batch (default 2)")
     g = p.add_argument_group("estimators")
-    g.add_argument("--n-probes", type=int, nargs="+", default=[4, 16, 64], help="probe counts (default 4 16 64)")
+    g.add_argument("--n-probes", type=int, nargs="+", default=[16, 64, 256], help="probe counts (default 16 64 256)")
     g.add_argument("--estimators", nargs="+", default=ESTIMATOR_DEFAULTS, help="estimator names (default: %(default)s)")
     g.add_argument("--min-voxels", type=int, default=0, help="layers with smaller inputs stay exact (default 0)")
     g.add_argument("--draws", type=int, default=4, help="stochastic gradients per estimator (default 4)")
