@@ -203,9 +203,7 @@ class _StochasticConv(torch.autograd.Function):
                 grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom)
             if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
                 estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
-                grad_w = estimate(
-                    grad_y, *state, ctx.fft_sizes, geom.stride, geom.padding, geom.dilation, geom.kernel, geom.groups, ctx.budget,
-                )
+                grad_w = estimate(grad_y, *state, ctx.fft_sizes, geom, ctx.budget)
             elif ctx.needs_input_grad[1]:
                 grad_w = _estimate_weight_grad(grad_y, *state, int(seed_t), ctx)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
@@ -330,9 +328,9 @@ def _spectral_grids(in_spatial: Sequence[int], out_spatial: Sequence[int], geom:
     """``(M, grid)``: the spectral sketch's FFT lengths and the grid its input is transformed on
     (``M`` itself, or ``M / s`` for a transposed convolution, whose input is the strided side)."""
     if geom.transposed:
-        sizes = spectral.fft_sizes(out_spatial, in_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
+        sizes = spectral.fft_sizes(out_spatial, in_spatial, geom)
         return sizes, [m // s for m, s in zip(sizes, geom.stride)]
-    sizes = spectral.fft_sizes(in_spatial, out_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
+    sizes = spectral.fft_sizes(in_spatial, out_spatial, geom)
     return sizes, list(sizes)
 
 

@@ -25,8 +25,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+
+
+class Geometry(Protocol):
+    """A convolution's per-dimension geometry (``app.nn.functional.ConvGeometry`` is one)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    kernel: tuple[int, ...]
+    groups: int
 
 
 def _smooth(n: int, multiple: int) -> int:
@@ -43,16 +54,13 @@ def _smooth(n: int, multiple: int) -> int:
         m += multiple
 
 
-def fft_sizes(
-    in_spatial: Sequence[int], out_spatial: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-    dilation: Sequence[int], kernel: Sequence[int],
-) -> tuple[int, ...]:
+def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: Geometry) -> tuple[int, ...]:
     """Per dimension, the FFT length on which the weight-gradient correlation of the regular
     convolution ``in_spatial -> out_spatial`` does not wrap around (for a transposed convolution:
     its output grid is ``in_spatial``, its input grid ``out_spatial``). A multiple of the stride."""
     return tuple(
         _smooth(max(n_in + p, s * n_out, s * (n_out - 1) + d * (k - 1) - p + 1), s)
-        for n_in, n_out, s, p, d, k in zip(in_spatial, out_spatial, stride, padding, dilation, kernel)
+        for n_in, n_out, s, p, d, k in zip(in_spatial, out_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
     )
 
 
@@ -172,36 +180,26 @@ def _spectrum_at(t: torch.Tensor, grid: Sequence[int], coords: Sequence[torch.Te
     return torch.where(mirror[:, None, :], out.conj(), out)
 
 
-def _phase(coords: Sequence[torch.Tensor], sizes: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
-           padding: Sequence[int]) -> torch.Tensor:
+def _phase(coords: Sequence[torch.Tensor], sizes: Sequence[int], geom: Geometry) -> torch.Tensor:
     """``exp(2πi Σ_d f_d τ_{k,d} / M_d)`` with ``τ = d·k − p`` for frequencies ``coords`` (one
     tensor per dimension, any shape ``S``): shape ``(*S, K)``."""
     taus = torch.cartesian_prod(*[(torch.arange(k, device=coords[0].device) * dl - p) / m
-                                  for k, dl, p, m in zip(kernel, dilation, padding, sizes)])
+                                  for k, dl, p, m in zip(geom.kernel, geom.dilation, geom.padding, sizes)])
     angle = torch.stack(coords, dim=-1).float() @ taus.view(-1, len(sizes)).t()  # in turns
     # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
     return torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
 
 
 def weight_grad(
-    grad_y: torch.Tensor,
-    values: torch.Tensor,
-    index: torch.Tensor,
-    weight: torch.Tensor,
-    sizes: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    kernel: Sequence[int],
-    groups: int,
-    budget: int,
+    grad_y: torch.Tensor, values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int],
+    geom: Geometry, budget: int,
 ) -> torch.Tensor:
     """The unbiased weight-gradient estimate from :func:`sketch`'s output.
 
     Args:
         grad_y: ``(B, C_out, *S_out)``.
         values, index, weight: the sketch.
-        sizes: its FFT lengths; stride, padding, dilation, kernel, groups: the convolution's.
+        sizes: its FFT lengths; geom: the convolution's geometry.
         budget: largest spectrum block of ``dY``, in real numbers.
 
     Returns:
@@ -213,11 +211,12 @@ def weight_grad(
     half = (*sizes[:-1], sizes[-1] // 2 + 1)
     freq = _unravel(index, half)  # (B, r, D)
     # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the estimate needs conj(Û)
-    lengths = [m // s for m, s in zip(sizes, stride)]
+    lengths = [m // s for m, s in zip(sizes, geom.stride)]
     coords = [freq[..., d] for d in range(dims)]
     u = _spectrum_at(grad_y, lengths, [f % n for f, n in zip(coords, lengths)], budget // 4).conj()
-    phase = _phase(coords, sizes, kernel, dilation, padding)  # (B, r, K)
+    phase = _phase(coords, sizes, geom)  # (B, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
+    groups = geom.groups
     cog, cig = c_out // groups, c_in // groups
     left = (u * scale[:, None, :]).view(batch, groups, cog, r)
     right = values.view(batch, groups, cig, r)
@@ -226,21 +225,12 @@ def weight_grad(
     lp = (left[..., None] * phase[:, None, None]).permute(1, 2, 4, 0, 3).reshape(groups, cog * k_numel, batch * r)
     rv = right.permute(1, 0, 3, 2).reshape(groups, batch * r, cig)
     grad_w = torch.bmm(lp, rv).real.view(groups, cog, k_numel, cig).permute(0, 1, 3, 2)
-    return grad_w.reshape(c_out, cig, *kernel)
+    return grad_w.reshape(c_out, cig, *geom.kernel)
 
 
 def transposed_weight_grad(
-    grad_y: torch.Tensor,
-    values: torch.Tensor,
-    index: torch.Tensor,
-    weight: torch.Tensor,
-    sizes: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    kernel: Sequence[int],
-    groups: int,
-    budget: int,
+    grad_y: torch.Tensor, values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int],
+    geom: Geometry, budget: int,
 ) -> torch.Tensor:
     """The unbiased weight-gradient estimate of a transposed convolution from :func:`sketch`'s
     output, taken of its (small) input ``x`` on the grid ``L = M / s``.
@@ -254,7 +244,7 @@ def transposed_weight_grad(
         grad_y: ``(B, C_out, *S_out)``.
         values, index, weight: the sketch of ``x`` (frequencies of the ``L`` grid).
         sizes: ``M`` (:func:`fft_sizes` of the output grid onto the input grid).
-        stride, padding, dilation, kernel, groups: the transposed convolution's.
+        geom: the transposed convolution's geometry.
         budget: largest spectrum block of ``dY``, in real numbers.
 
     Returns:
@@ -263,26 +253,27 @@ def transposed_weight_grad(
     batch, c_out = grad_y.shape[:2]
     c_in, r = values.shape[1], values.shape[2]
     dims, dev = len(sizes), grad_y.device
-    lengths = [m // s for m, s in zip(sizes, stride)]
+    lengths = [m // s for m, s in zip(sizes, geom.stride)]
     small = _unravel(index, (*lengths[:-1], lengths[-1] // 2 + 1))  # (B, r, D)
     # F_d = f'_d + j_d·L_d for every alias j: (B, A, r) with A = prod(stride)
     big = []
     for d in range(dims):
         shape = [1] * (dims + 2)
-        shape[1 + d] = stride[d]
-        offsets = (torch.arange(stride[d], device=dev) * lengths[d]).view(shape)
-        big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *stride, r).reshape(batch, -1, r))
+        shape[1 + d] = geom.stride[d]
+        offsets = (torch.arange(geom.stride[d], device=dev) * lengths[d]).view(shape)
+        big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *geom.stride, r).reshape(batch, -1, r))
     aliases = big[0].shape[1]
     spec_y = _spectrum_at(grad_y, sizes, [f.reshape(batch, -1) for f in big], budget // 4).view(batch, c_out, aliases, r)
-    phase = _phase(big, sizes, kernel, dilation, padding)  # (B, A, r, K)
+    phase = _phase(big, sizes, geom)  # (B, A, r, K)
     summed = torch.einsum("boaj,bajk->bojk", spec_y, phase)  # Σ over aliases: (B, C_out, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
+    groups = geom.groups
     cig, cog = c_in // groups, c_out // groups
     k_numel = phase.shape[-1]
     left = (values.conj() * scale[:, None, :]).view(batch, groups, cig, r).permute(1, 2, 0, 3).reshape(groups, cig, batch * r)
     right = summed.view(batch, groups, cog, r, k_numel).permute(1, 0, 3, 2, 4).reshape(groups, batch * r, cog * k_numel)
     grad_w = torch.bmm(left, right).real  # (G, C_in/G, C_out/G · K)
-    return grad_w.reshape(c_in, cog, *kernel)
+    return grad_w.reshape(c_in, cog, *geom.kernel)
 
 
-__all__ = ["fft_sizes", "n_frequencies", "sketch", "transposed_weight_grad", "weight_grad"]
+__all__ = ["Geometry", "fft_sizes", "n_frequencies", "sketch", "transposed_weight_grad", "weight_grad"]
