@@ -17,8 +17,8 @@ Two sketches (``sketch=``):
                  frequencies (the ``r/2`` strongest exactly, ``r/2`` importance-sampled); a
                  shift is a phase, so they serve every kernel offset, and the backward is an
                  FFT of ``dY`` and an ``r``-term sum (:mod:`.spectral`). ``B · r · C_in`` complex
-                 numbers (of a transposed convolution: of its input, on the strided grid). Where ``r`` reaches the number of
-                 frequencies the layer keeps its input and is exact (the sketch would be larger).
+                 numbers (a transposed convolution's: of its input, on the strided grid). Where
+                 ``r`` reaches the number of frequencies the layer keeps its input and is exact.
 
 Control variate (``control="mean"``): ``X = μ + R`` with ``μ`` the per-sample, per-channel mean of the
 input. ``dYᵀ μ_k`` is computed exactly in the backward pass (``μ`` is ``B × C_in`` numbers and the
@@ -478,8 +478,9 @@ def _make_conv_transpose(dims: int):
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"stochastic_conv_transpose{dims}d"
     conv_transpose.__doc__ = f"""{dims}D transposed convolution with a sketched weight gradient.
     Same arguments (and order) as ``torch.nn.functional.conv_transpose{dims}d``, plus the sketch
-    options of ``stochastic_conv{dims}d``; the sketch is always taken on the input grid
-    (``sketch="shifted"``, ``r · C_in`` numbers kept).
+    options of ``stochastic_conv{dims}d``; the sketch is taken of the (small) input: ``"shifted"``
+    (``r · C_in`` numbers) or ``"spectral"`` (``B · r · C_in`` complex coefficients on the strided
+    grid, each meeting ``dY`` at all its aliases); ``"offset"`` is not available.
 
     Args:
         x: input of shape ``(B, C_in, {spatial})``.
