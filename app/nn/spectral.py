@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -105,17 +105,30 @@ N_MIXES = 4
 """Random ±1 channel mixes whose spectra estimate the channel energy that picks the frequencies."""
 
 
-def _channel_energy(x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """``Σ_c |X̂_b[c, f]|²`` per sample: exact for up to :data:`N_MIXES` channels, otherwise estimated
-    without bias from ``N_MIXES`` random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``),
-    so the forward pass transforms every channel only once. Shape ``(B, F)``, fp32."""
+def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: int) -> torch.Tensor:
+    """``rfftn(t, grid)`` at the flat half-spectrum indices ``flat`` ``(B, n)``, transformed in
+    channel blocks of at most ``budget`` real numbers (at least :data:`MIN_BLOCK`). Shape ``(B, C, n)``."""
+    batch, channels = t.shape[:2]
+    out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
+    at = flat[:, None, :]
+    for c0, spec in _spectra(t, grid, _channel_chunk(batch, channels, n_frequencies(grid), max(budget, MIN_BLOCK))):
+        out[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    return out
+
+
+def _channel_energy(x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``Σ_c |X̂_b[c, f]|²`` per sample ``(B, F)``, fp32: exact for up to :data:`N_MIXES` channels
+    (then ``X̂`` itself ``(B, C, F)`` comes back too, for reuse), otherwise estimated without bias from
+    ``N_MIXES`` random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``, and ``None``), so
+    the forward pass transforms every channel only once."""
     channels = x.shape[1]
-    if channels > N_MIXES:
+    mixed = channels > N_MIXES
+    if mixed:
         signs = torch.randint(0, 2, (N_MIXES, channels), generator=generator, device=x.device).to(x.dtype) * 2 - 1
         x = torch.einsum("mc,bc...->bm...", signs, x)
     (_, spec), = _spectra(x, sizes, x.shape[1])
     energy = spec.real.square().sum(1) + spec.imag.square().sum(1)
-    return energy / (N_MIXES if channels > N_MIXES else 1)
+    return (energy / N_MIXES, None) if mixed else (energy, spec)
 
 
 def sketch(
@@ -140,7 +153,8 @@ def sketch(
     freqs = n_frequencies(sizes)
     mult = _multiplicity(sizes, x.device)  # m_f = mult[f % last]
     last = mult.shape[0]
-    score = _channel_energy(x, sizes, generator).sqrt_()
+    energy, spectrum = _channel_energy(x, sizes, generator)
+    score = energy.sqrt_()
     score.view(batch, -1, last).mul_(mult)
     n_top = min(n_probes - n_probes // 2, freqs)
     n_drawn = n_probes - n_top
@@ -156,10 +170,10 @@ def sketch(
         drawn_weight = torch.where(prob > 0, mult[drawn % last] / (n_drawn * prob.clamp_min(1e-30)), 0.0)
         index = torch.cat([top, drawn], dim=1)
         weight = torch.cat([weight, drawn_weight], dim=1)
-    values = torch.empty((batch, channels, index.shape[1]), device=x.device, dtype=torch.complex64)
-    at = index[:, None, :]
-    for c0, spec in _spectra(x, sizes, _channel_chunk(batch, channels, freqs, max(budget, MIN_BLOCK))):
-        values[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    if spectrum is not None:
+        values = spectrum.gather(2, index[:, None, :].expand(batch, channels, -1))
+    else:
+        values = _gather(x, sizes, index, budget)
     return values, index, weight
 
 
@@ -167,16 +181,12 @@ def _spectrum_at(t: torch.Tensor, grid: Sequence[int], coords: Sequence[torch.Te
     """``DFT_grid(t)`` at the full-grid frequencies ``coords`` (one ``(B, n)`` tensor per dimension,
     ``0 <= f_d < grid_d``), from real FFTs in channel blocks of at most ``budget`` real numbers:
     a frequency past the real FFT's last half is the conjugate of its mirror. Shape ``(B, C, n)``."""
-    batch, channels = t.shape[:2]
     mirror = coords[-1] > grid[-1] // 2
     half = (*grid[:-1], grid[-1] // 2 + 1)
     flat = torch.zeros_like(coords[0])
     for d, f in enumerate(coords):
         flat = flat * half[d] + torch.where(mirror, (-f) % grid[d], f)
-    out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
-    at = flat[:, None, :]
-    for c0, spec in _spectra(t, grid, _channel_chunk(batch, channels, math.prod(half), max(budget, MIN_BLOCK))):
-        out[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    out = _gather(t, grid, flat, budget)
     return torch.where(mirror[:, None, :], out.conj(), out)
 
 
