@@ -37,14 +37,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from app.bench.common import environment_info
 from app.infer import infer_files
-from app.infer.predict import WindowSettings, predict_logits, resolve_amp, resolve_device, stitch_bytes
+from app.infer.predict import WindowSettings, predict_logits, stitch_bytes
+from app.measure import environment_info
 from app.models import build_model, save_checkpoint
+from app.utils import resolve_amp, resolve_device
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware the numbers were measured on: :func:`app.bench.common.environment_info` plus MONAI."""
+    """Versions and hardware the numbers were measured on: :func:`app.measure.environment_info` plus MONAI."""
     import monai
 
     return {**environment_info(device), "monai": monai.__version__}
@@ -105,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
+    device = resolve_device(args.device, option="--device")
+    amp = resolve_amp(args.amp, device, option="--amp")
     stitches = args.stitch or (["same", "cpu"] if device.type == "cuda" else ["same"])
     cfg = {
         "name": "dynunet",

@@ -12,21 +12,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import app.nn as snn
+from app.utils import resolve_device
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--edge", type=int, default=128)
     p.add_argument("--channels", type=int, default=32)
-    p.add_argument("--sketch", default="spectral")
-    p.add_argument("--n-probes", type=int, default=256)
+    p.add_argument("--sketch", default=snn.DEFAULT_SKETCH)
+    p.add_argument("--n-probes", type=int, default=snn.DEFAULT_N_PROBES)
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--amp", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--network", action="store_true", help="profile the default DynUNet (stochastic+lean) instead")
     p.add_argument("--sort", default="self_cuda_time_total")
     args = p.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device("auto")
     c = args.channels
     if args.network:
         from app.models import build_model, resolve_model_config

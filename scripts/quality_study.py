@@ -7,10 +7,9 @@ over seeds, for each task and configuration:
 
 * at equal steps: every configuration trains ``--steps`` optimizer steps on ``--patch`` patches;
 * at equal GPU memory (CUDA only): for each stochastic configuration, the peak memory of one of
-  its training steps (``torch.cuda.max_memory_allocated``, measured by a probe step after a
-  warm-up step) sets a budget, and exact backprop gets the largest cubic patch whose training step
-  fits in it (same network: the DynUNet topology planned for ``--patch`` is kept), then trains
-  the same steps with the same seeds. On the CPU this part is skipped (and the report says so).
+  its training steps (:func:`app.measure.measure_step`) sets a budget, and exact backprop gets the
+  largest cubic patch whose training step fits in it (:func:`app.plan.plan`; same network: the
+  DynUNet topology planned for ``--patch`` is kept), then trains the same steps with the same seeds. On the CPU this part is skipped (and the report says so).
 
 Tasks: ``synthetic`` (random shapes, ``app.data.make_synthetic_dataset``) and ``mni`` (grey/white
 matter of nilearn's MNI152 template, ``app.data.make_mni_dataset``). Configurations: ``exact``,
@@ -48,8 +47,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from app.bench.common import environment
+from app.measure import GIB, Variant, environment, measure_step, training_variant
 from app.models import load_checkpoint
+from app.nn.fidelity import split_sketch_config
+from app.plan import plan
 from app.train import config_dir, train
 
 TASKS = ("synthetic", "mni")
@@ -148,68 +149,11 @@ def run_one(task: str, config: str, seed: int, patch: int, args: argparse.Namesp
 # ------------------------------------------------------------------------------------- equal memory
 
 
-def step_peak_bytes(model_config: dict[str, Any], sketch: dict[str, Any], patch: int, cfg: DictConfig) -> int:
-    """Peak bytes (``torch.cuda.max_memory_allocated``) of one training step, after a warm-up step.
-
-    The step mirrors the trainer's: the network of ``model_config`` with its convolutions converted
-    as ``sketch`` says, DiceCE on random data of the run's batch size and ``patch``, AdamW, autocast
-    and gradient checkpointing as configured.
-    """
-    from monai.losses import DiceCELoss
-
-    import app.nn
-    from app.models import build_model
-    from app.nn.fidelity import split_sketch_config
-    from app.train.grad_checkpoint import enable_grad_checkpointing
-    from app.train.loop import amp_dtype
-
-    device = torch.device("cuda")
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    model = build_model({**model_config, "patch_size": [patch] * 3})
-    convert_kwargs, _ = split_sketch_config(sketch)  # as the trainer does (auto_* keys are the allocator's)
-    if int(convert_kwargs.get("n_probes", 0)) > 0:
-        app.nn.convert(model, **convert_kwargs)
-    if cfg.trainer.grad_checkpointing:
-        enable_grad_checkpointing(model)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    dtype = amp_dtype(cfg.trainer.amp)
-    b, c, k = int(cfg.trainer.batch_size), int(model_config["in_channels"]), int(model_config["out_channels"])
-    image = torch.randn(b, c, patch, patch, patch, device=device)
-    label = torch.randint(0, k, (b, 1, patch, patch, patch), device=device)
-    peak = 0
-    try:
-        for i in range(2):
-            if i == 1:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                logits = model(image)
-            loss_fn(logits.float(), label).backward()
-            optimizer.step()
-            del logits
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    except torch.OutOfMemoryError:
-        peak = 2**62
-    finally:
-        del model, optimizer, image, label
-        torch.cuda.empty_cache()
-    return int(peak)
-
-
-def _divisor(model_config: dict[str, Any]) -> int:
-    """The size every patch axis must be a multiple of for this network (product of the strides)."""
-    strides = model_config.get("strides")
-    if not strides:
-        return 16
-    out = 1
-    for s in strides:
-        out *= int(s if isinstance(s, int) else max(s))
-    return max(out, 1)
+def step_variant(cfg: DictConfig, n_probes: int) -> Variant:
+    """The measured variant of the run's training step: its autocast, checkpointing and lean
+    settings, stochastic when ``n_probes > 0``."""
+    return training_variant(n_probes=n_probes, amp=cfg.trainer.amp, grad_checkpointing=bool(cfg.trainer.grad_checkpointing),
+                            lean=bool(cfg.sketch.get("lean", False)))
 
 
 def pinned_model_overrides(model_config: dict[str, Any]) -> list[str]:
@@ -225,22 +169,21 @@ def pinned_model_overrides(model_config: dict[str, Any]) -> list[str]:
     return out
 
 
-def equal_memory_patch(model_config: dict[str, Any], sketch: dict[str, Any], patch: int, cfg: DictConfig) -> tuple[int, int, int]:
-    """``(exact patch, exact peak bytes, stochastic peak bytes)``: the largest cubic exact patch
-    (a multiple of the network's divisor, at most ``patch``) whose step fits the stochastic step's peak."""
-    budget = step_peak_bytes(model_config, sketch, patch, cfg)
-    q = _divisor(model_config)
-    sizes = [s for s in range(q, patch + 1, q)]
-    best, best_peak = 0, 0
-    lo, hi = 0, len(sizes) - 1
-    while lo <= hi:  # memory grows with the patch: binary search
-        mid = (lo + hi) // 2
-        peak = step_peak_bytes(model_config, {"n_probes": 0}, sizes[mid], cfg)
-        if peak <= budget:
-            best, best_peak, lo = sizes[mid], peak, mid + 1
-        else:
-            hi = mid - 1
-    return best, best_peak, budget
+def equal_memory_patch(model_config: dict[str, Any], sketch: dict[str, Any], patch: int, cfg: DictConfig) -> tuple[int, float, float]:
+    """``(exact patch, exact peak bytes, stochastic peak bytes)``: the largest cubic exact patch (at most
+    ``patch``) whose training step fits the peak of the stochastic step at ``patch`` (the planner's search,
+    :func:`app.plan.plan`, on the same network: ``model_config`` has its strides pinned)."""
+    options = dict(split_sketch_config(sketch)[0])
+    n_probes = int(options.pop("n_probes", 0))
+    options.pop("lean", None)
+    batch = int(cfg.trainer.batch_size)
+    stochastic = measure_step(model_config, patch_size=(patch,) * 3, batch_size=batch, variant=step_variant(cfg, n_probes),
+                              n_probes=n_probes, device="cuda", sketch_options=options)
+    found = plan(model_config, stochastic.peak_bytes / GIB, (1.0, 1.0, 1.0), step_variant(cfg, 0), batch, "cuda",
+                 cache=False, max_edge=patch)
+    if found.patch_size is None:
+        return 0, math.nan, stochastic.peak_bytes
+    return found.patch_size[0], found.stats.peak_bytes, stochastic.peak_bytes
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -336,8 +279,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             model_config = first["model_config"]
             patch, exact_peak, budget = equal_memory_patch(model_config, sketch, args.patch, cfg)
             label = f"exact, memory of {config}"
-            notes.append(f"{task}: one training step of {config} at {args.patch}³ peaks at {budget / 2**30:.2f} GiB; "
-                         f"the largest exact patch within it is {patch}³ ({exact_peak / 2**30:.2f} GiB), same network.")
+            notes.append(f"{task}: one training step of {config} at {args.patch}³ peaks at {budget / GIB:.2f} GiB; "
+                         f"the largest exact patch within it is {patch}³ ({exact_peak / GIB:.2f} GiB), same network.")
             if patch == 0:
                 notes.append(f"{task}: no exact patch fits the memory of {config}; equal-memory runs skipped.")
                 continue

@@ -30,7 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from app.bench.common import environment_info
+from app.measure import environment_info
 from app.models import load_checkpoint
 from app.train import config_dir, train
 

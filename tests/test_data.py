@@ -27,7 +27,8 @@ from app.data import (
     train_transforms,
     val_transforms,
 )
-from app.data.nifti import check_pair, read_header_info
+from app.data.datalist import check_pair
+from app.data.nifti import read_header_info
 from app.data.transforms import CheckLabelsd
 
 SHAPE = (24, 26, 28)

@@ -267,11 +267,11 @@ def test_existing_outputs_kept_unless_overwrite(
     src = save_nifti(tmp_path / "case.nii.gz", smooth_image())
     out = tmp_path / "out"
     out.mkdir()
-    existing = out / "case_seg.nii.gz"
-    existing.write_bytes(b"precious")
+    existing = save_nifti(out / "case_seg.nii.gz", np.ones(SHAPE, np.uint8))
+    precious = existing.read_bytes()
     args = [str(perfect_ckpt), str(src), "-o", str(out), "--no-progress"]
     assert main(args) == 0
-    assert existing.read_bytes() == b"precious"
+    assert existing.read_bytes() == precious
     err = capsys.readouterr().err
     assert "skipped" in err and "--overwrite" in err and "1 skipped" in err
     assert main([*args, "--overwrite"]) == 0
@@ -279,6 +279,20 @@ def test_existing_outputs_kept_unless_overwrite(
     # A second run over the output folder does not take earlier outputs for inputs.
     files, _ = collect_inputs([out], exclude_dir=out, exclude_suffix="_seg")
     assert files == []
+
+
+def test_unreadable_existing_output_is_kept_and_reported(
+    tmp_path: Path, perfect_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = save_nifti(tmp_path / "case.nii.gz", smooth_image())
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "case_seg.nii.gz"
+    existing.write_bytes(b"precious")
+    assert main([str(perfect_ckpt), str(src), "-o", str(out), "--no-progress"]) == 1
+    assert existing.read_bytes() == b"precious"
+    err = capsys.readouterr().err
+    assert "existing output case_seg.nii.gz cannot be read" in err and "--overwrite" in err and "1 failed" in err
 
 
 # ---------------------------------------------------------------------------- (5) summary

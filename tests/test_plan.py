@@ -1,5 +1,6 @@
-"""app.plan on the CPU: variants, measure_step's saved bytes, the planner's search, the calibration
-cache, the CLI, ``trainer.patch_size=auto`` and a regression bound on the default network's bytes."""
+"""app.measure and app.plan on the CPU: variants, measure_step's saved bytes, the planner's search,
+the calibration cache, the CLI, ``trainer.patch_size=auto`` and a regression bound on the default
+network's bytes."""
 
 from __future__ import annotations
 
@@ -10,22 +11,9 @@ import math
 import pytest
 import torch
 
+from app.measure import COMPONENTS, StepStats, Variant, measure_step, parse_variant, training_variant
 from app.models import build_model
-from app.plan import (
-    COMPONENTS,
-    CalibrationCache,
-    StepStats,
-    Variant,
-    candidate_patches,
-    lean_available,
-    measure_step,
-    parse_variant,
-    plan,
-    plan_patch_size,
-    required_divisor,
-    search_largest,
-    training_variant,
-)
+from app.plan import CalibrationCache, candidate_patches, plan, plan_patch_size, required_divisor, search_largest
 from app.plan.__main__ import main as plan_main
 
 # A DynUNet of 4-8-16 channels, 3 stages: a few MB of activations at 32^3.
@@ -83,7 +71,7 @@ def test_parse_variant_did_you_mean():
         parse_variant("stochastc")
 
 
-@pytest.mark.parametrize("bad", ["", "amp+", "amp+amp", "exact+stochastic", "lean+exact"])
+@pytest.mark.parametrize("bad", ["", "amp+", "amp+amp", "exact+stochastic", "lean+exact", "amp+fp16"])
 def test_parse_variant_rejects_malformed(bad):
     with pytest.raises(ValueError):
         parse_variant(bad)
@@ -93,6 +81,27 @@ def test_training_variant_reads_the_training_switches():
     assert training_variant(n_probes=16, amp="bf16", grad_checkpointing=True).name == "stochastic+amp+ckpt"
     assert training_variant(n_probes=0, amp="off").name == "exact"
     assert training_variant(n_probes=0, amp=False, lean=True).name == "lean"
+    fp16 = training_variant(n_probes=16, amp="fp16")
+    assert fp16.name == "stochastic+fp16" and fp16.autocast_dtype == torch.float16
+    assert parse_variant("amp").autocast_dtype == torch.bfloat16 and parse_variant("exact").autocast_dtype is None
+    with pytest.raises(ValueError, match="trainer.amp"):
+        training_variant(n_probes=0, amp="fp8")
+
+
+def test_measure_step_runs_the_variants_autocast_dtype(monkeypatch):
+    """The measured forward pass runs under the variant's autocast dtype (fp16 plans for fp16)."""
+    seen = []
+    real = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        seen.append(dtype if enabled else None)
+        return real(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr("app.measure.step.torch.autocast", spy)
+    for variant, dtype in (("fp16", torch.float16), ("amp", torch.bfloat16), ("exact", None)):
+        seen.clear()
+        assert measure_step(TINY, patch_size=(16, 16, 16), variant=variant, device="cpu", repeat=0).fits
+        assert seen == [dtype]
 
 
 # ------------------------------------------------------------------------------- measure_step
@@ -130,7 +139,6 @@ def test_stochastic_saves_less_than_exact_by_a_computed_amount():
     assert stoch.saved_bytes <= exact.saved_bytes - only_convs + _sketch_bytes_bound(TINY, patch, 16)
 
 
-@pytest.mark.skipif(not lean_available(), reason="app.nn.convert has no lean option yet")
 def test_lean_saves_much_less():
     patch = (32, 32, 32)
     stoch = measure_step(TINY, patch_size=patch, variant="stochastic", device="cpu", repeat=0)
@@ -155,17 +163,11 @@ def test_measure_step_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_measure_step_reports_unavailable_lean(monkeypatch):
-    monkeypatch.setattr("app.plan.measure.lean_available", lambda: False)
-    s = measure_step(TINY, patch_size=(16, 16, 16), variant="stochastic+lean", device="cpu", repeat=0)
-    assert s.status == "unavailable" and not s.fits and "lean" in s.reason
-
-
 def test_measure_step_reports_out_of_memory(monkeypatch):
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("app.plan.measure._run", boom)
+    monkeypatch.setattr("app.measure.step._run", boom)
     s = measure_step(TINY, patch_size=(16, 16, 16), device="cpu")
     assert s.status == "oom" and not s.fits and "out of memory" in s.reason
 
@@ -174,7 +176,7 @@ def test_measure_step_raises_other_failures_or_reports_them(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("no kernel for\nthis size")
 
-    monkeypatch.setattr("app.plan.measure._run", boom)
+    monkeypatch.setattr("app.measure.step._run", boom)
     with pytest.raises(RuntimeError, match="no kernel"):
         measure_step(TINY, patch_size=(16, 16, 16), device="cpu")
     s = measure_step(TINY, patch_size=(16, 16, 16), device="cpu", report_errors=True)
@@ -336,7 +338,7 @@ def _compose_training(tmp_path, *overrides):
 
 
 def test_auto_patch_size_resolution_reads_the_training_switches(tmp_path, monkeypatch):
-    from app.plan.training import is_auto, resolve_auto_patch_size
+    from app.train.auto_patch import is_auto, resolve_auto_patch_size
 
     monkeypatch.setenv("STOCHPROP_PLAN_CACHE", str(tmp_path / "cache.json"))
     cfg = _compose_training(tmp_path, "trainer.patch_size=auto", "trainer.memory_budget_gib=0.25", "trainer.amp=bf16",
@@ -348,7 +350,7 @@ def test_auto_patch_size_resolution_reads_the_training_switches(tmp_path, monkey
         asked.update(variant=variant.name, budget=budget_gib, batch=batch_size, **kw)
         return (48, 48, 48)
 
-    monkeypatch.setattr("app.plan.training.plan_patch_size", fake_plan)
+    monkeypatch.setattr("app.train.auto_patch.plan_patch_size", fake_plan)
     model_cfg = {"name": "dynunet", "in_channels": 1, "out_channels": 3, "spacing": [1.0, 1.0, 1.0]}
 
     class Data:  # what load_datalist reports: median shape 40^3 at 2 mm = 80^3 at the network's 1 mm
@@ -385,9 +387,9 @@ def test_train_with_auto_patch_size_saves_the_resolved_patch(tmp_path, monkeypat
 
 # ------------------------------------------------------------------------- regression bound
 
-def test_default_dynunet_saved_bytes_per_voxel_regression():
-    variant = "stochastic+lean" if lean_available() else "stochastic"
-    bound = SAVED_BYTES_PER_VOXEL_STOCHASTIC_LEAN if lean_available() else SAVED_BYTES_PER_VOXEL_STOCHASTIC
+@pytest.mark.parametrize("variant, bound", [("stochastic", SAVED_BYTES_PER_VOXEL_STOCHASTIC),
+                                            ("stochastic+lean", SAVED_BYTES_PER_VOXEL_STOCHASTIC_LEAN)])
+def test_default_dynunet_saved_bytes_per_voxel_regression(variant, bound):
     s = measure_step(DEFAULT_DYNUNET, patch_size=(32, 32, 32), variant=variant, n_probes=16, device="cpu", repeat=0)
     assert s.fits
     assert s.saved_bytes_per_voxel <= bound, (

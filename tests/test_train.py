@@ -20,7 +20,7 @@ import app.nn
 from app.data import DataError, make_synthetic_dataset
 from app.models import build_model, load_checkpoint, model_from_checkpoint
 from app.train import TrainingError, config_dir, train
-from app.train.grad_checkpoint import enable_grad_checkpointing, stages
+from app.models.grad_checkpoint import enable_grad_checkpointing, stages
 from app.train.loop import Trainer, out_of_memory_message
 from app.train.validation import mean_dice, overlay
 

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch import nn
 
-from app.nn import PROBE_FAMILIES, convert, manual_seed
+from app.measure import MIB, environment, markdown_table
+from app.models import deep_supervision_loss
+from app.nn import DEFAULT_SKETCH, PROBE_FAMILIES, convert, manual_seed
 from app.nn.fidelity import FidelityReport, compare_estimators, fidelity_figures
 from app.nn.functional import SKETCHES
-
-from .common import MIB, environment, markdown_table
+from app.utils import amp_dtype, parse_key_values, resolve_device
 
 __all__ = ["ESTIMATOR_DEFAULTS", "estimator_options", "fidelity_figures", "plot_fidelity", "run", "main"]
 
@@ -64,7 +64,7 @@ def estimator_options(name: str) -> dict[str, Optional[str]]:
 
     if tokens[0] not in sketches:
         raise bad(tokens[0], words)
-    options = {"sketch": None if tokens[0] == "auto" else tokens[0], "probes": "rademacher", "control": "mean"}
+    options = {"sketch": DEFAULT_SKETCH if tokens[0] == "auto" else tokens[0], "probes": "rademacher", "control": "mean"}
     for token in tokens[1:]:
         if token in PROBE_FAMILIES:
             options["probes"] = token
@@ -76,12 +76,6 @@ def estimator_options(name: str) -> dict[str, Optional[str]]:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _patch(values: Sequence[int]) -> list[int]:
@@ -114,16 +108,6 @@ def _batches(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
-def _model_args(pairs: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--model-arg takes KEY=VALUE (VALUE read as YAML), but got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def make_loss(amp: Optional[torch.dtype], device: torch.device) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
     """The training loss (DiceCE, deep-supervision heads weighted 1, 1/2, ...) as ``loss_fn(model, batch)``."""
     from monai.losses import DiceCELoss
@@ -134,11 +118,7 @@ def make_loss(amp: Optional[torch.dtype], device: torch.device) -> Callable[[nn.
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(image)
-        logits = logits.float()
-        if logits.ndim == label.ndim + 1:
-            weights = [0.5**i for i in range(logits.shape[1])]
-            return sum(w * dice_ce(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
-        return dice_ce(logits, label)
+        return deep_supervision_loss(dice_ce, logits, label)
 
     return loss_fn
 
@@ -148,7 +128,7 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, Callable, Iterator[dict[
     from app.data import Preprocessing, build_loaders, load_datalist
     from app.models import build_model, load_checkpoint, model_from_checkpoint
 
-    device = _device(args.device)
+    device = resolve_device(args.device, option="--device")
     patch = _patch(args.patch)
     torch.manual_seed(args.seed)
     root = dataset_root(args.data, args.data_root, patch, args.n_cases)
@@ -165,13 +145,12 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, Callable, Iterator[dict[
         pre = Preprocessing(in_channels=datalist.n_channels or 1)
         spacing = [float(s) for s in (datalist.median_spacing or (1.0, 1.0, 1.0))]
         config = {"name": args.model, "in_channels": pre.in_channels, "out_channels": datalist.n_classes,
-                  "patch_size": patch, "spacing": spacing, **_model_args(args.model_arg)}
+                  "patch_size": patch, "spacing": spacing, **parse_key_values(args.model_arg)}
         model = build_model(config)
-        info["model"] = f"fresh {args.model} {_model_args(args.model_arg) or ''}".strip()
+        info["model"] = f"fresh {args.model} {parse_key_values(args.model_arg) or ''}".strip()
     train_loader, _ = build_loaders(datalist, pre, patch, datalist.n_classes, batch_size=args.batch_size, seed=args.seed)
     model.to(device).train()
-    amp = {"off": None, "bf16": torch.bfloat16}[args.amp]
-    loss_fn = make_loss(amp, device)
+    loss_fn = make_loss(amp_dtype(args.amp, "--amp"), device)
     batches = _batches(train_loader)
     if args.warmup_steps:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
@@ -343,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model state")
     g.add_argument("--checkpoint", help="a checkpoint of app.models (last.pt/best.pt of a training run)")
     g.add_argument("--model", default="dynunet", help="fresh network name when no checkpoint (default dynunet)")
-    g.add_argument("--model-arg", nargs="*", default=[], metavar="KEY=VALUE",
+    g.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra model config keys, e.g. base_features=16 max_features=128")
     g.add_argument("--warmup-steps", type=int, default=0, help="exact AdamW steps before measuring (default 0)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the warm-up steps (default 1e-3)")

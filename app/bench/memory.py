@@ -1,8 +1,8 @@
 """``python -m app.bench memory``: peak memory and step time of whole U-Nets, per memory lever.
 
 For each network, volume edge and variant (exact, bf16 autocast, gradient checkpointing,
-stochastic convolutions, lean layers and their combinations; :mod:`app.plan.variants`) it runs
-real training steps (:func:`app.plan.measure_step`: forward, DiceCE, backward, AdamW) and reports
+stochastic convolutions, lean layers and their combinations; :mod:`app.measure.variants`) it runs
+real training steps (:func:`app.measure.measure_step`: forward, DiceCE, backward, AdamW) and reports
 the peak device memory, its ratio to exact backprop, the step time and its ratio, the bytes
 saved for backward (device independent) and, on CUDA, ``calib`` = (peak - 4 x parameter bytes) /
 saved bytes, the factor :mod:`app.plan`'s CPU estimate multiplies saved bytes by. Rows that do not fit say ``OOM``; once a variant is out
@@ -31,14 +31,25 @@ from typing import Any
 
 import torch
 
-from app.plan.cache import CalibrationCache, cache_key, default_cache_path
-from app.plan.measure import ERROR, GIB, OK, OOM, StepStats, device_name, measure_step
-from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
+from app.measure import (
+    COMPONENTS,
+    ERROR,
+    GIB,
+    MIB,
+    OK,
+    OOM,
+    StepStats,
+    device_name,
+    environment,
+    markdown_table,
+    measure_step,
+    parse_variant,
+)
 from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
-from app.plan.variants import COMPONENTS, parse_variant
-
-from .common import MIB, environment, markdown_table
+from app.plan.cache import CalibrationCache, cache_key, default_cache_path
+from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
+from app.utils import resolve_device
 
 __all__ = ["BENCH_MODELS", "DEFAULT_SIZES", "DEFAULT_VARIANTS", "main", "run", "write_plot"]
 
@@ -187,8 +198,7 @@ def max_cube_table(found: list[tuple[str, PlanResult]]) -> str:
     for model, r in found:
         s = r.stats
         if r.patch_size is None:
-            rows.append([model, r.variant, "none" if s is None or s.status != "unavailable" else "unavailable",
-                         math.nan, math.nan, ""])
+            rows.append([model, r.variant, "none", math.nan, math.nan, ""])
         else:
             rows.append([model, r.variant, r.patch_size[0], s.peak_bytes / GIB, s.step_seconds * 1e3,
                          s.extra.get("source", "")])
@@ -216,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="--max-cube tries multiples of lcm(network divisor, this). Default 32")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--device", default=None, help="Default: cuda when available, else cpu")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu. Default auto: cuda when available")
     p.add_argument("--out", default="bench_memory", help="output folder (memory.md, memory.png, memory.json)")
     p.add_argument("--cache", default=None, help=f"calibration cache to read/extend. Default {default_cache_path()}")
     p.add_argument("--no-cache", action="store_true", help="do not use the calibration cache")
@@ -229,11 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.variants = list(dict.fromkeys(parse_variant(v).name for v in args.variants))
         args.max_cube_variants = [parse_variant(v).name for v in (args.max_cube_variants or MAX_CUBE_VARIANTS)]
+        device = resolve_device(args.device, option="--device")
     except ValueError as err:
         parser.error(str(err))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
     if args.max_cube and args.cap_gib is None and device.type == "cuda":
         parser.error("--max-cube needs --cap-gib (the memory budget of the search)")
     cuda = device.type == "cuda"

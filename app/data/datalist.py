@@ -27,10 +27,10 @@ import nibabel as nib
 import numpy as np
 
 from app.data.errors import data_error
-from app.data.nifti import NIFTI_SUFFIXES, VolumeInfo, check_pair, is_nifti, strip_suffix
-from app.data.video import VIDEO_SUFFIXES, is_video
+from app.data.nifti import NIFTI_SUFFIXES, VolumeInfo, check_pair_info, is_nifti, read_header_info, strip_suffix
+from app.data.video import VIDEO_SUFFIXES, is_video, read_video_info
 
-__all__ = ["DataList", "load_datalist"]
+__all__ = ["DataList", "check_pair", "load_datalist", "read_volume_info"]
 
 PathLikeStr = Union[str, "PathLike[str]"]
 
@@ -73,6 +73,36 @@ class DataList:
 # --------------------------------------------------------------------------------------------
 # dataset.json
 # --------------------------------------------------------------------------------------------
+
+
+def read_volume_info(path: PathLikeStr, verify_checksum: bool = False) -> VolumeInfo:
+    """:func:`~app.data.nifti.read_header_info` for NIfTI files, the video probe of :mod:`app.data.video` for clips."""
+    if is_video(path):
+        return read_video_info(path)
+    return read_header_info(path, verify_checksum=verify_checksum)
+
+
+def check_pair(
+    image_path: PathLikeStr, label_path: PathLikeStr, atol: float = 1e-3, *, verify_checksum: bool = False
+) -> tuple[VolumeInfo, VolumeInfo]:
+    """Reads both headers and checks that the label fits the image (see :func:`~app.data.nifti.check_pair_info`).
+
+    Args:
+        image_path: NIfTI image (3D or 4D multi-channel) or video clip.
+        label_path: 3D NIfTI label.
+        atol: affine tolerance.
+        verify_checksum: also decompress ``.nii.gz`` files whole to check their CRC.
+
+    Returns:
+        ``(image_info, label_info)``.
+
+    Raises:
+        DataError: either file unreadable, or the pair disagrees (message names both files).
+    """
+    image = read_volume_info(image_path, verify_checksum=verify_checksum)
+    label = read_header_info(label_path, verify_checksum=verify_checksum)
+    check_pair_info(image, label, atol)
+    return image, label
 
 
 def _read_json(path: Path) -> dict[str, Any]:

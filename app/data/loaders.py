@@ -16,9 +16,8 @@ from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.utils import look_up_option
 from torch.utils.data import DistributedSampler
 
-from app.data.datalist import DataList
+from app.data.datalist import DataList, read_volume_info
 from app.data.errors import data_error
-from app.data.nifti import read_volume_info
 from app.data.transforms import Preprocessing, normalize_patch_size, train_transforms, val_transforms
 from app.data.video import is_video
 

@@ -20,16 +20,15 @@ from nibabel.filebasedimages import ImageFileError
 from numpy.typing import DTypeLike
 
 from app.data.errors import data_error
+from app.utils import atomic_path
 
 __all__ = [
     "MAX_CHANNELS",
     "NIFTI_SUFFIXES",
     "VolumeInfo",
-    "check_pair",
     "check_pair_info",
     "is_nifti",
     "read_header_info",
-    "read_volume_info",
     "save_like",
     "save_nifti",
     "strip_suffix",
@@ -129,7 +128,7 @@ def read_header_info(path: PathLikeStr, *, check_size: bool = True, verify_check
     """Reads shape, channels, affine and spacing of a NIfTI file from its header only.
 
     Accepted: 3D ``(X, Y, Z)`` and 4D ``(X, Y, Z, C)`` with ``C <= MAX_CHANNELS`` (multi-channel
-    image). Whether a 4D file may be used (labels may not) is decided by :func:`check_pair`.
+    image). Whether a 4D file may be used (labels may not) is decided by :func:`check_pair_info`.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -183,15 +182,6 @@ def read_header_info(path: PathLikeStr, *, check_size: bool = True, verify_check
     return VolumeInfo(p, spatial, n_channels, affine, _spacing_from_affine(affine), str(dtype))
 
 
-def read_volume_info(path: PathLikeStr, verify_checksum: bool = False) -> VolumeInfo:
-    """:func:`read_header_info` for NIfTI files, the video probe of :mod:`app.data.video` for clips."""
-    from app.data.video import is_video, read_video_info  # local: video imports this module
-
-    if is_video(path):
-        return read_video_info(path)
-    return read_header_info(path, verify_checksum=verify_checksum)
-
-
 def check_pair_info(image: VolumeInfo, label: VolumeInfo, atol: float = 1e-3) -> None:
     """Checks that a label fits its image: one channel, same spatial shape, same affine.
 
@@ -222,29 +212,6 @@ def check_pair_info(image: VolumeInfo, label: VolumeInfo, atol: float = 1e-3) ->
         )
 
 
-def check_pair(
-    image_path: PathLikeStr, label_path: PathLikeStr, atol: float = 1e-3, *, verify_checksum: bool = False
-) -> tuple[VolumeInfo, VolumeInfo]:
-    """Reads both headers and checks that the label fits the image (see :func:`check_pair_info`).
-
-    Args:
-        image_path: NIfTI image (3D or 4D multi-channel) or video clip.
-        label_path: 3D NIfTI label.
-        atol: affine tolerance.
-        verify_checksum: also decompress ``.nii.gz`` files whole to check their CRC.
-
-    Returns:
-        ``(image_info, label_info)``.
-
-    Raises:
-        DataError: either file unreadable, or the pair disagrees (message names both files).
-    """
-    image = read_volume_info(image_path, verify_checksum=verify_checksum)
-    label = read_header_info(label_path, verify_checksum=verify_checksum)
-    check_pair_info(image, label, atol)
-    return image, label
-
-
 def save_nifti(img: nib.Nifti1Image | nib.Nifti2Image, out_path: PathLikeStr) -> Path:
     """Writes an image atomically (temporary file in the same folder, then rename).
 
@@ -253,14 +220,8 @@ def save_nifti(img: nib.Nifti1Image | nib.Nifti2Image, out_path: PathLikeStr) ->
     out = Path(out_path)
     if not is_nifti(out):
         raise data_error(out, f"output name must end in {' or '.join(NIFTI_SUFFIXES)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out.name.lower().endswith(".gz") else ".nii"
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(out, suffix=".nii.gz" if out.name.lower().endswith(".gz") else ".nii") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -12,7 +12,7 @@ present) is reused; a folder holding anything else is never overwritten.
 from __future__ import annotations
 
 import json
-import os
+
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from app.data.errors import data_error
+from app.utils import atomic_path
 from app.data.nifti import save_nifti
 
 __all__ = ["make_mni_dataset", "make_synthetic_dataset"]
@@ -112,9 +113,8 @@ def finish_dataset_root(root: PathLikeStr, meta: dict[str, Any]) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def decathlon_items(names: Sequence[str], image_suffix: str) -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from tqdm.auto import tqdm
 from app.data.errors import DataError
 from app.data.transforms import infer_transforms
 from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
-from app.infer.predict import WindowSettings, predict_logits, resolve_amp, resolve_device, stitch_bytes
+from app.infer.predict import WindowSettings, predict_logits, stitch_bytes
 from app.infer.preprocess import build_inverter, checkpoint_preprocessing
 from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
+from app.utils import resolve_amp, resolve_device
 
 __all__ = ["InferenceOptions", "Result", "Segmenter", "infer_files"]
 
@@ -187,8 +189,8 @@ class Segmenter:
         self.in_channels = int(self.model_config["in_channels"])
         self.preprocessing = checkpoint_preprocessing(ckpt["preprocessing"], in_channels=self.in_channels)
         self.roi = self._resolve_roi(options.roi)
-        self.sw_device = resolve_device(options.device)
-        self.amp = resolve_amp(options.amp, self.sw_device)
+        self.sw_device = resolve_device(options.device, option="--device")
+        self.amp = resolve_amp(options.amp, self.sw_device, option="--amp")
         self.model = model_from_checkpoint(ckpt).to(self.sw_device)
         del ckpt
         self.transform = infer_transforms(self.preprocessing)
@@ -335,12 +337,18 @@ class Segmenter:
         return class_volumes(labels, ref.affine, self.class_names)
 
     def volumes_of(self, label_path: Path) -> dict[str, float]:
-        """Class volumes (mL) of an existing label map; empty if it cannot be read."""
+        """Class volumes (mL) of an existing label map.
+
+        Raises:
+            FileError: the label map cannot be read (damaged or not NIfTI).
+        """
         try:
             img = cast(nib.Nifti1Image, nib.load(label_path))
-            return class_volumes(np.asanyarray(img.dataobj).astype(np.int64), img.affine, self.class_names)
-        except Exception:  # a broken old output: leave its volumes empty
-            return {}
+            labels = np.asanyarray(img.dataobj).astype(np.int64)
+        except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise FileError(f"existing output {label_path.name} cannot be read ({_one_line(exc)}); "
+                            "use --overwrite to replace it") from exc
+        return class_volumes(labels, img.affine, self.class_names)
 
 
 def infer_files(
@@ -413,11 +421,14 @@ def _run_one(
         logger.warning("%s: %s", path, msg)
         return Result(input=path, status="failed", message=msg)
     if out_path.exists() and not opts.overwrite:
+        try:
+            volumes = segmenter.volumes_of(out_path)
+        except FileError as exc:
+            logger.warning("%s: %s", path, exc)
+            return Result(input=path, status="failed", output=None, message=str(exc))
         msg = f"{out_path} exists; kept (use --overwrite to replace it)"
         logger.info("%s: skipped, %s", path, msg)
-        return Result(
-            input=path, status="skipped", output=out_path, message=msg, volumes_ml=segmenter.volumes_of(out_path)
-        )
+        return Result(input=path, status="skipped", output=out_path, message=msg, volumes_ml=volumes)
     try:
         volumes = segmenter.segment(path, out_path, prob_path)
     except FileError as exc:

@@ -6,7 +6,7 @@ import csv
 import glob
 import json
 import os
-import tempfile
+
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from app.data.nifti import NIFTI_SUFFIXES, is_nifti
+from app.utils import atomic_path
+
 __all__ = [
-    "NIFTI_SUFFIXES",
-    "is_nifti",
     "split_nifti_name",
     "output_path",
     "collect_inputs",
@@ -26,13 +27,7 @@ __all__ = [
     "write_summary",
 ]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _GLOB_CHARS = set("*?[")
-
-
-def is_nifti(path: str | os.PathLike[str]) -> bool:
-    """True if the file name ends with ``.nii`` or ``.nii.gz`` (case-insensitive)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def split_nifti_name(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -119,22 +114,6 @@ def collect_inputs(
     return files, problems
 
 
-def _atomic_save(img: nib.filebasedimages.FileBasedImage, path: Path) -> None:
-    """Save a nibabel image through a temp file in the same folder, then ``os.replace``."""
-    _, ext = split_nifti_name(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=ext, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_like(
     data: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: np.dtype | type, slope: float = 1.0
 ) -> None:
@@ -159,7 +138,8 @@ def write_like(
     img.header.set_slope_inter(slope, 0.0)
     if "cal_min" in img.header:
         img.header["cal_min"], img.header["cal_max"] = 0, 0
-    _atomic_save(img, path)
+    with atomic_path(path, suffix=split_nifti_name(path)[1]) as tmp:
+        nib.save(img, tmp)
 
 
 # NIfTI-1 has no float16 type: probabilities are stored as uint16 with scl_slope = 1/65535,
@@ -201,8 +181,7 @@ def write_summary(
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     fields = ["input", "status", "output", "probabilities", "seconds", "message"]
     fields += [f"volume_ml_{c}" for c in class_names]
-    fd, tmp = tempfile.mkstemp(prefix=f".{csv_path.name}.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -210,9 +189,6 @@ def write_summary(
             vols = row.get("volumes_ml") or {}
             flat.update({f"volume_ml_{c}": ("" if c not in vols else vols[c]) for c in class_names})
             writer.writerow(flat)
-    os.replace(tmp, csv_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({**meta, "class_names": list(class_names), "files": rows}, fh, indent=2)
-    os.replace(tmp, json_path)
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps({**meta, "class_names": list(class_names), "files": rows}, indent=2))
     return csv_path, json_path

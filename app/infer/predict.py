@@ -8,7 +8,6 @@ fit next to the network in GPU memory still runs with GPU windows.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -18,18 +17,19 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from app.models import main_output
+from app.utils import AMP_DTYPES, amp_dtype
+
 __all__ = [
     "AMP_MODES",
     "WindowSettings",
-    "resolve_device",
-    "resolve_amp",
     "flip_axes",
     "predict_logits",
     "stitch_bytes",
 ]
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = ("auto", *AMP_DTYPES)
+"""``--amp`` settings: ``auto`` (bf16 on a CUDA device that supports it, else off) and :data:`app.utils.AMP_DTYPES`."""
 
 
 @dataclass(frozen=True)
@@ -55,33 +55,6 @@ class WindowSettings:
     device: torch.device = torch.device("cpu")
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """Turn ``"auto"`` into ``cuda`` when available (else ``cpu``) and check CUDA requests.
-
-    Raises:
-        ValueError: a CUDA device was asked for but CUDA is not available.
-    """
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(name)!r} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """Resolve ``"auto"``: bf16 on a CUDA device that supports it, otherwise off.
-
-    Raises:
-        ValueError: unknown mode.
-    """
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {list(AMP_MODES)}, but got amp={amp!r}")
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    return amp
-
-
 def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
     """Tensor axes to flip for each TTA pass of an ``(N, C, *S)`` tensor, identity first.
 
@@ -96,21 +69,13 @@ def _window_predictor(
     model: nn.Module, settings: WindowSettings, spatial_dims: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     flips = flip_axes(spatial_dims) if settings.tta else [()]
-    amp_dtype = _AMP_DTYPES.get(settings.amp)
+    dtype = amp_dtype(settings.amp)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        if isinstance(out, (list, tuple)):  # deep supervision heads: the full-resolution one
-            out = out[0]
-        return out.float()
+        return main_output(model(x)).float()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        autocast = (
-            torch.autocast(device_type=x.device.type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype is not None):
             acc = run(x)
             for axes in flips[1:]:
                 acc = acc + torch.flip(run(torch.flip(x, axes)), axes)

@@ -1,10 +1,11 @@
 """Measure one full training step of a network: peak device memory, time, bytes saved for backward.
 
 :func:`measure_step` builds the network from a model config (:func:`app.models.build_model`),
-applies a :mod:`variant <app.plan.variants>` (stochastic/lean layers, gradient checkpointing,
-bf16 autocast) and runs what training runs: forward, DiceCE loss, backward, AdamW step.
+applies a :mod:`variant <app.measure.variants>` (stochastic/lean layers, gradient checkpointing,
+bf16 or fp16 autocast) and runs what training runs: forward, DiceCE loss over the
+deep-supervision heads, backward, AdamW step.
 
-Two memory numbers, as ``shared/METHOD.md`` section 3 asks:
+Two memory numbers:
 
 * ``saved_bytes``: bytes of the tensors saved for backward during one forward pass and loss
   (:class:`app.nn.SavedTensorCounter`, storages counted once, parameters ignored). Device
@@ -17,9 +18,6 @@ Two memory numbers, as ``shared/METHOD.md`` section 3 asks:
 Out-of-memory (also under a ``memory_cap_gib`` set with
 ``torch.cuda.set_per_process_memory_fraction``) is a result, ``status="oom"``; the memory is
 freed (``gc.collect``, ``torch.cuda.empty_cache``) before the function returns.
-
-This module imports only torch, MONAI and ``app.nn``/``app.models``; ``app.train`` (for
-``ckpt``) is imported when that variant is measured.
 """
 
 from __future__ import annotations
@@ -36,12 +34,12 @@ from typing import Any
 import torch
 
 import app.nn
-from app.bench.common import peak_since, reset_peak, synchronize, timed_calls
-from app.models import build_model, resolve_model_config
-from app.plan.variants import Variant, lean_available, parse_variant
+from app.measure.report import GIB
+from app.measure.timing import peak_since, reset_peak, synchronize, timed_calls
+from app.measure.variants import Variant, parse_variant
+from app.models import build_model, deep_supervision_loss, enable_grad_checkpointing, resolve_model_config
 
 __all__ = [
-    "GIB",
     "StepStats",
     "device_name",
     "free_memory",
@@ -51,9 +49,8 @@ __all__ = [
     "model_config_for_patch",
 ]
 
-GIB = 2.0**30
 # statuses of a StepStats
-OK, OOM, UNAVAILABLE, ERROR = "ok", "oom", "unavailable", "error"
+OK, OOM, ERROR = "ok", "oom", "error"
 
 
 @dataclass
@@ -64,9 +61,8 @@ class StepStats:
         variant: canonical variant name (``"stochastic+amp"``).
         patch_size: spatial input size.
         batch_size: patches per step.
-        status: ``"ok"``; ``"oom"`` (did not fit); ``"unavailable"`` (the variant cannot be built
-            here, e.g. ``lean`` before ``app.nn.convert`` has it); ``"error"`` (another failure,
-            e.g. a kernel refusing a tensor that large).
+        status: ``"ok"``; ``"oom"`` (did not fit); ``"error"`` (another failure, e.g. a kernel
+            refusing a tensor that large).
         peak_bytes: peak device memory of a training step (NaN on the CPU or when not ``ok``).
         step_seconds: median wall time of a training step (NaN when not ``ok``).
         saved_bytes: bytes saved for backward by the forward pass and loss (parameters ignored).
@@ -192,10 +188,6 @@ def _build(cfg: dict[str, Any], v: Variant, n_probes: int, sketch_options: Mappi
             kwargs["lean"] = True
         app.nn.convert(model, n_probes if v.stochastic else 0, **kwargs)
     if v.ckpt:
-        from app.train.grad_checkpoint import (
-            enable_grad_checkpointing,  # lazy: app.train needs hydra
-        )
-
         enable_grad_checkpointing(model)
     return model
 
@@ -216,13 +208,12 @@ def _run(
     x = torch.randn(shape, generator=gen).to(device)
     y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
 
+    dtype = v.autocast_dtype
+
     def forward_loss() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
-        logits = logits.float()  # as the trainer: the loss in fp32, outside autocast
-        if logits.ndim == y.ndim + 1:  # DynUNet deep supervision: (B, heads, C, *S); the first head
-            logits = logits[:, 0]
-        return loss_fn(logits, y)
+        return deep_supervision_loss(loss_fn, logits, y)  # as the trainer: in fp32, outside autocast
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -272,7 +263,7 @@ def measure_step(
             ``spacing``).
         patch_size: spatial input size, e.g. ``(128, 128, 128)``.
         batch_size: patches per step. Default 1.
-        variant: e.g. ``"exact"``, ``"stochastic+lean+amp"`` (see :mod:`app.plan.variants`).
+        variant: e.g. ``"exact"``, ``"stochastic+lean+amp"`` (see :mod:`app.measure.variants`).
         n_probes: probes per stochastic layer (``stochastic`` variants). Default ``app.nn.DEFAULT_N_PROBES``.
         device: where to run. Default ``"cuda"``.
         warmup: untimed steps before the measured ones (they allocate the optimizer state and
@@ -290,9 +281,8 @@ def measure_step(
             benchmark tables want: that size does not train either. Default False.
 
     Returns:
-        The :class:`StepStats`; out-of-memory gives ``status="oom"`` and an unavailable variant
-        ``status="unavailable"`` instead of raising (other failures ``status="error"`` with
-        ``report_errors``).
+        The :class:`StepStats`; out-of-memory gives ``status="oom"`` instead of raising (other
+        failures ``status="error"`` with ``report_errors``).
 
     Raises:
         ValueError: an unknown variant (naming it and listing the valid ones) or a patch size
@@ -316,18 +306,11 @@ def measure_step(
         raise ValueError(f"batch_size must be >= 1, but got batch_size={batch_size}")
     cfg = model_config_for_patch(model_cfg, patch)
     common: dict[str, Any] = {"variant": v.name, "patch_size": patch, "batch_size": batch_size, "device": device_name(dev)}
-    if v.lean and not lean_available():
-        return StepStats(**common, status=UNAVAILABLE, reason="app.nn.convert has no lean option yet")
     failure = None
     with memory_cap(memory_cap_gib, dev):
         free_memory(dev)
         try:
             stats = _run(cfg, v, patch, batch_size, n_probes, dict(sketch_options or {}), dev, warmup, repeat, seed)
-        except TypeError as exc:
-            if v.lean and "lean" in str(exc):  # convert() refused the option after all
-                failure = (UNAVAILABLE, f"app.nn.convert refused lean=True ({_first_line(exc)})")
-            else:
-                raise
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if is_out_of_memory(exc):
                 failure = (OOM, _first_line(exc))

@@ -4,11 +4,11 @@ A variant is a ``+``-joined set of components, e.g. ``"stochastic+lean+amp"``:
 
 * ``exact``: plain backpropagation, fp32 (alone it means "no lever"; ``exact+amp`` is ``amp``);
 * ``amp``: bf16 autocast around the forward pass (the loss is computed in fp32, as in training);
+* ``fp16``: the same with fp16 autocast (``trainer.amp=fp16``);
 * ``ckpt``: gradient checkpointing of every encoder/decoder stage
-  (:func:`app.train.grad_checkpoint.enable_grad_checkpointing`);
+  (:func:`app.models.enable_grad_checkpointing`);
 * ``stochastic``: stochastic-backprop convolutions (``app.nn.convert(model, n_probes)``);
-* ``lean``: memory-lean activation/normalisation layers (``app.nn.convert(..., lean=True)``);
-  reported as unavailable while ``app.nn.convert`` has no ``lean`` option.
+* ``lean``: memory-lean activation/normalisation layers (``app.nn.convert(..., lean=True)``).
 
 Components may come in any order; :attr:`Variant.name` is the canonical spelling
 (order of :data:`COMPONENTS`), used in tables and as part of the calibration-cache key.
@@ -17,11 +17,14 @@ Components may come in any order; :attr:`Variant.name` is the canonical spelling
 from __future__ import annotations
 
 import difflib
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMPONENTS", "Variant", "lean_available", "parse_variant", "training_variant"]
+import torch
+
+from app.utils import amp_dtype
+
+__all__ = ["COMPONENTS", "Variant", "parse_variant", "training_variant"]
 
 # component -> one-line description; the order is the canonical order of a variant's name
 COMPONENTS: dict[str, str] = {
@@ -29,6 +32,7 @@ COMPONENTS: dict[str, str] = {
     "stochastic": "stochastic-backprop convolutions (app.nn.convert with n_probes)",
     "lean": "memory-lean activation/normalisation layers (app.nn.convert(..., lean=True))",
     "amp": "bf16 autocast",
+    "fp16": "fp16 autocast",
     "ckpt": "gradient checkpointing per encoder/decoder stage",
 }
 
@@ -40,7 +44,17 @@ class Variant:
     stochastic: bool = False
     lean: bool = False
     amp: bool = False
+    fp16: bool = False
     ckpt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.amp and self.fp16:
+            raise ValueError("a variant takes one autocast component: 'amp' (bf16) or 'fp16', not both")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The forward pass's autocast dtype (``None``: fp32)."""
+        return torch.bfloat16 if self.amp else torch.float16 if self.fp16 else None
 
     @property
     def name(self) -> str:
@@ -89,22 +103,13 @@ def parse_variant(variant: str | Variant) -> Variant:
             f"variant {text!r} combines 'exact' with {sorted(seen & {'stochastic', 'lean'})}; "
             "'exact' means exact convolutions and standard layers: drop one of them"
         )
-    return Variant(**{c: c in seen for c in ("stochastic", "lean", "amp", "ckpt")})
-
-
-def lean_available() -> bool:
-    """True once ``app.nn.convert`` takes a ``lean`` option (memory-lean activations/norms)."""
-    import app.nn
-
-    try:
-        return "lean" in inspect.signature(app.nn.convert).parameters
-    except (TypeError, ValueError):  # not introspectable: let the call itself tell
-        return True
+    return Variant(**{c: c in seen for c in COMPONENTS if c != "exact"})
 
 
 def training_variant(*, n_probes: int, amp: Any = None, grad_checkpointing: bool = False, lean: bool = False) -> Variant:
-    """The variant a training config runs: ``sketch.n_probes``, ``trainer.amp``
-    (``bf16``/``fp16`` -> ``amp``; off/None/False -> none), ``trainer.grad_checkpointing`` and the
+    """The variant a training config runs: ``sketch.n_probes``, ``trainer.amp`` (``bf16`` ->
+    ``amp``, ``fp16`` -> ``fp16``, ``off`` -> none), ``trainer.grad_checkpointing`` and the
     lean-layers switch."""
-    amp_on = not (amp is None or amp is False or str(amp).lower() in ("off", "false", "none", ""))
-    return Variant(stochastic=int(n_probes) > 0, lean=bool(lean), amp=amp_on, ckpt=bool(grad_checkpointing))
+    dtype = amp_dtype(amp, "trainer.amp")
+    return Variant(stochastic=int(n_probes) > 0, lean=bool(lean), amp=dtype == torch.bfloat16,
+                   fp16=dtype == torch.float16, ckpt=bool(grad_checkpointing))

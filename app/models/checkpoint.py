@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import os
 import pickle
-import tempfile
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from app.models.factory import build_model, resolve_model_config
+from app.utils import atomic_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -135,22 +136,11 @@ def save_checkpoint(
             raise ValueError(f"extra key {key!r} is reserved; reserved keys are {list(RESERVED_KEYS)}")
         payload[str(key)] = _to_plain(value, str(key))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from exc
-        raise
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -221,9 +211,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix) :]: v for k, v in out.items()}
+    stripped = True
+    while out and stripped:  # wrappers nest: DDP around a compiled model gives "module._orig_mod."
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                stripped = True
     return out
 
 

@@ -1,16 +1,13 @@
 """Patch-size planning by measurement: ``python -m app.plan`` (``stochprop-plan``).
 
-* :func:`measure_step`: one training step's peak memory, time and bytes saved for backward;
 * :func:`plan_patch_size` / :func:`plan`: the largest patch within a memory budget, per variant
-  (measured on a GPU, estimated from saved bytes on the CPU), with a calibration cache;
-* variants (``exact``, ``amp``, ``ckpt``, ``stochastic``, ``lean`` and ``+`` combinations):
-  :mod:`app.plan.variants`.
+  (measured with :func:`app.measure.measure_step` on a GPU, estimated from saved bytes on the
+  CPU), with a calibration cache (:mod:`app.plan.cache`).
 
-Imports torch, MONAI, ``app.nn`` and ``app.models`` only (``app.train`` lazily, for ``ckpt``).
+Imports :mod:`app.measure`, :mod:`app.models`, :mod:`app.nn` and :mod:`app.utils` only.
 """
 
-from app.plan.cache import CACHE_ENV, CalibrationCache, default_cache_path
-from app.plan.measure import GIB, StepStats, measure_step, memory_cap
+from app.plan.cache import CACHE_ENV, CalibrationCache, cache_key, default_cache_path
 from app.plan.planner import (
     CALIBRATION_FACTORS,
     DEFAULT_CALIBRATION_FACTOR,
@@ -18,40 +15,27 @@ from app.plan.planner import (
     PlanResult,
     calibration_factor,
     candidate_patches,
+    default_budget_gib,
     plan,
     plan_patch_size,
     required_divisor,
     search_largest,
 )
-from app.plan.variants import (
-    COMPONENTS,
-    Variant,
-    lean_available,
-    parse_variant,
-    training_variant,
-)
 
 __all__ = [
     "CACHE_ENV",
     "CALIBRATION_FACTORS",
-    "COMPONENTS",
     "DEFAULT_CALIBRATION_FACTOR",
-    "GIB",
     "STATE_BYTES_PER_PARAMETER_BYTE",
     "CalibrationCache",
     "PlanResult",
-    "StepStats",
-    "Variant",
+    "cache_key",
     "calibration_factor",
     "candidate_patches",
+    "default_budget_gib",
     "default_cache_path",
-    "lean_available",
-    "measure_step",
-    "memory_cap",
-    "parse_variant",
     "plan",
     "plan_patch_size",
     "required_divisor",
     "search_largest",
-    "training_variant",
 ]

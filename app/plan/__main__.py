@@ -15,25 +15,21 @@ says so.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
 
-import torch
-
-from app.bench.common import environment, markdown_table
+from app.measure import COMPONENTS, GIB, environment, markdown_table, parse_variant
 from app.models import MODEL_NAMES
 from app.nn import DEFAULT_N_PROBES
 from app.plan.cache import default_cache_path
-from app.plan.measure import GIB
 from app.plan.planner import (
     STATE_BYTES_PER_PARAMETER_BYTE,
     PlanResult,
     calibration_factor,
     plan,
 )
-from app.plan.variants import COMPONENTS, parse_variant
+from app.utils import parse_key_values, resolve_device
 
 __all__ = ["DEFAULT_VARIANTS", "main", "model_config_from_args", "results_table"]
 
@@ -42,22 +38,9 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def model_config_from_args(name: str, in_channels: int, out_channels: int, pairs: list[str]) -> dict[str, Any]:
-    """``{"name", "in_channels", "out_channels"}`` plus ``KEY=VALUE`` pairs (values read as JSON)."""
-    cfg: dict[str, Any] = {"name": name, "in_channels": in_channels, "out_channels": out_channels}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-arg must be KEY=VALUE (value in JSON, e.g. channels=[32,64]), but got {pair!r}")
-        cfg[key] = _value(value)
-    return cfg
+    """``{"name", "in_channels", "out_channels"}`` plus ``--model-arg KEY=VALUE`` pairs (values read as YAML)."""
+    return {"name": name, "in_channels": in_channels, "out_channels": out_channels, **parse_key_values(pairs)}
 
 
 def _gib(v: float) -> float:
@@ -92,15 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dynunet", choices=MODEL_NAMES, help="network (app.models). Default dynunet")
     p.add_argument("--in-channels", type=int, default=1)
     p.add_argument("--out-channels", type=int, default=3)
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra model config key (JSON value), e.g. base_features=16 or channels=[32,64,128,256,320]")
+    p.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra model config key (YAML value), e.g. base_features=16 or channels=[32,64,128,256,320]")
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget. Default: the device's memory")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0, 1.0, 1.0], help="voxel spacing. Default 1 1 1")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--n-probes", type=int, default=DEFAULT_N_PROBES, help=f"probes per stochastic layer. Default {DEFAULT_N_PROBES}")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help=f"'+'-joined components of {', '.join(COMPONENTS)}. Default: {' '.join(DEFAULT_VARIANTS)}")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu. Default: cuda when available")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu. Default auto: cuda when available")
     p.add_argument("--max-edge", type=int, default=512, help="largest candidate edge (finest axis). Default 512")
     p.add_argument("--edge-step", type=int, default=None,
                    help="candidate edges are multiples of lcm(divisor, this). Default: the network's divisor")
@@ -123,17 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         variants = [parse_variant(v).name for v in args.variants]
         cfg = model_config_from_args(args.model, args.in_channels, args.out_channels, args.model_arg)
+        device = resolve_device(args.device, option="--device")
     except ValueError as err:
         parser.error(str(err))
-    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
     cache: Any = False if args.no_cache else (args.cache or True)
     results: list[PlanResult] = []
     try:
         for batch in args.batch_sizes:
             for variant in variants:
                 results.append(plan(
-                    cfg, args.budget_gib, args.spacing, variant, batch, args.device, n_probes=args.n_probes,
+                    cfg, args.budget_gib, args.spacing, variant, batch, device, n_probes=args.n_probes,
                     cache=cache, max_edge=args.max_edge, max_shape=args.max_shape, edge_step=args.edge_step, warmup=args.warmup,
                     repeat=args.repeat, reference_edge=args.reference_edge, calibration=args.calibration,
                 ))

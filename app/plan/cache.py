@@ -15,9 +15,9 @@ An entry is keyed by what decides the memory of a step, as a SHA-256 of its cano
 * whether steps were timed (the CPU planner only counts saved bytes);
 * :data:`CACHE_VERSION`, raised whenever the measurement itself changes.
 
-The value is the :class:`~app.plan.measure.StepStats` plus ``cap_bytes``, the allocator cap the
-step ran under (``null``: the whole device). Only ``ok`` and ``oom`` results are stored (an
-unavailable variant or a crash is not a property of the network). How a stored result answers
+The value is the :class:`app.measure.StepStats` plus ``cap_bytes``, the allocator cap the
+step ran under (``null``: the whole device). Only ``ok`` and ``oom`` results are stored (a
+crash is not a property of the network). How a stored result answers
 "does it fit in B bytes?" (:meth:`CalibrationCache.lookup`):
 
 * ``ok`` with peak ``P``: fits iff ``P <= B``, whatever cap it ran under;
@@ -30,20 +30,20 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.plan.measure import OK, OOM, StepStats, model_config_for_patch
+from app.measure import GIB, OK, OOM, StepStats, model_config_for_patch
+from app.utils import atomic_path
 
 __all__ = ["CACHE_ENV", "CACHE_VERSION", "CalibrationCache", "cache_key", "default_cache_path"]
 
 CACHE_ENV = "STOCHPROP_PLAN_CACHE"
 # Raise when measure_step changes what it measures (optimizer, loss, warm-up rule, ...).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_path() -> Path:
@@ -67,8 +67,8 @@ def cache_key(
 ) -> tuple[str, dict[str, Any]]:
     """``(hash, fields)`` of one measurement; ``fields`` is stored next to the result for humans.
 
-    ``model_config`` is resolved for ``patch_size`` here (:func:`~app.plan.measure.model_config_for_patch`,
-    the network :func:`~app.plan.measure.measure_step` builds), so the planner and ``python -m app.bench
+    ``model_config`` is resolved for ``patch_size`` here (:func:`app.measure.model_config_for_patch`,
+    the network :func:`app.measure.measure_step` builds), so the planner and ``python -m app.bench
     memory``, which share the cache, key a measurement the same way.
     """
     fields = {
@@ -126,7 +126,7 @@ class CalibrationCache:
         if stats.status == OK:
             if budget_bytes is not None and not math.isnan(stats.peak_bytes) and stats.peak_bytes > budget_bytes:
                 stats.status = OOM
-                stats.reason = f"measured peak {stats.peak_bytes / 2**30:.2f} GiB is over the budget (cached)"
+                stats.reason = f"measured peak {stats.peak_bytes / GIB:.2f} GiB is over the budget (cached)"
             return stats
         if stats.status == OOM and (cap is None or (budget_bytes is not None and budget_bytes <= cap)):
             return stats
@@ -140,12 +140,5 @@ class CalibrationCache:
         self._entries[key] = {"key": dict(fields), "stats": stats.to_dict(), "cap_bytes": cap_bytes}
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh, indent=1, sort_keys=True, default=str)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": self._entries}, indent=1, sort_keys=True, default=str))

@@ -2,7 +2,7 @@
 
 nnU-Net derives the patch size from a memory budget with a calibrated formula. Here the formula
 is replaced by the thing itself where a GPU is present: for each candidate patch the planner runs
-real training steps (:func:`~app.plan.measure.measure_step`) under the budget
+real training steps (:func:`app.measure.measure_step`) under the budget
 (``torch.cuda.set_per_process_memory_fraction``) and keeps the largest one that runs. Candidates:
 
 * every axis a multiple of the network's required divisor (:func:`required_divisor`: the
@@ -34,17 +34,7 @@ import torch
 from app.models import build_model, plan_dynunet, resolve_model_config
 from app.nn import DEFAULT_N_PROBES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
-from app.plan.measure import (
-    ERROR,
-    GIB,
-    OK,
-    OOM,
-    StepStats,
-    device_name,
-    measure_step,
-    model_config_for_patch,
-)
-from app.plan.variants import Variant, parse_variant
+from app.measure import GIB, OK, OOM, StepStats, Variant, device_name, measure_step, model_config_for_patch, parse_variant
 
 __all__ = [
     "CALIBRATION_FACTORS",
@@ -222,7 +212,7 @@ class PlanResult:
         batch_size: patches per step.
         patch_size: the largest candidate that fits, or None when none does (or the variant is
             unavailable here).
-        stats: that candidate's :class:`~app.plan.measure.StepStats` (or the first failure's).
+        stats: that candidate's :class:`app.measure.StepStats` (or the first failure's).
         budget_bytes: the budget.
         device: where it was measured (or, for estimates, the CPU that counted the bytes).
         estimated: True when the peaks are CPU estimates, not measurements.
@@ -405,21 +395,16 @@ def plan(
             return cached(patch, lambda: measured(patch), budget)
 
     trials: list[StepStats] = []
-    unavailable: list[StepStats] = []
 
     def fits(i: int) -> bool:
         stats = probe(candidates[i])
         trials.append(stats)
-        if stats.status not in (OK, OOM, ERROR):
-            unavailable.append(stats)
         if stats.fits and stats.peak_bytes > budget:  # an estimate (or a cached peak) over the budget
             stats.status = OOM
             stats.reason = f"{'estimated' if stats.estimated else 'measured'} peak {stats.peak_bytes / GIB:.2f} GiB is over the budget"
         return stats.fits  # a NaN peak (injected measurement without one) is judged by its status
 
     best = search_largest(len(candidates), fits)
-    if unavailable:
-        return PlanResult(v.name, batch_size, None, unavailable[0], budget, name, estimated, trials)
     by_patch = {t.patch_size: t for t in trials}
     if best < 0:
         return PlanResult(v.name, batch_size, None, by_patch.get(candidates[0]), budget, name, estimated, trials)
@@ -439,7 +424,7 @@ def plan_patch_size(
 
     Raises:
         ValueError: no candidate fits (the message names the budget, the variant and the
-            smallest candidate's peak), or the variant is unavailable here.
+            smallest candidate's peak).
 
     Examples:
         >>> plan_patch_size({"name": "dynunet", "in_channels": 1, "out_channels": 3}, 24, (1, 1, 1),

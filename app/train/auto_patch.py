@@ -1,8 +1,5 @@
-"""``trainer.patch_size=auto`` for ``python -m app.train``: the planned patch, written into the config.
-
-Kept apart from the rest of :mod:`app.plan` because it reads an OmegaConf training config; the
-trainer imports it only when ``trainer.patch_size`` is ``auto``.
-"""
+"""``trainer.patch_size=auto``: the largest patch :mod:`app.plan` finds for the training config,
+written into the config."""
 
 from __future__ import annotations
 
@@ -11,9 +8,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from app.plan.planner import plan_patch_size
-from app.plan.variants import lean_available, training_variant
+from app.measure import training_variant
+from app.nn.fidelity import split_sketch_config
+from app.plan import plan_patch_size
+from app.train.distributed import DistInfo
 
 __all__ = ["AUTO", "data_shape", "is_auto", "resolve_auto_patch_size", "sketch_convert_options"]
 
@@ -25,10 +25,6 @@ AUTO = "auto"
 def sketch_convert_options(sketch: Mapping[str, Any]) -> dict[str, Any]:
     """The ``app.nn.convert`` keywords of a training config's ``sketch`` group, as the trainer passes
     them (``n_probes: auto`` plans for its largest candidate: the most memory the allocator can pick)."""
-    try:
-        from app.nn.fidelity import split_sketch_config
-    except ImportError:  # an app.nn without the probe allocator: no auto_* keys to strip
-        return {k: v for k, v in sketch.items() if not k.startswith("auto_")}
     return dict(split_sketch_config(sketch)[0])
 
 
@@ -46,7 +42,7 @@ def data_shape(datalist: Any, spacing: Sequence[float]) -> list[int] | None:
 
 
 def resolve_auto_patch_size(
-    cfg: Any, model_cfg: Mapping[str, Any], device: torch.device, dist: Any = None, datalist: Any = None,
+    cfg: DictConfig, model_cfg: Mapping[str, Any], device: torch.device, dist: DistInfo | None = None, datalist: Any = None,
 ) -> list[int]:
     """Plan ``trainer.patch_size=auto`` and write the result into ``cfg.trainer.patch_size``.
 
@@ -66,14 +62,11 @@ def resolve_auto_patch_size(
     Returns:
         The planned patch size.
     """
-    from omegaconf import OmegaConf, open_dict
-
     t = cfg.trainer
     options = sketch_convert_options(OmegaConf.to_container(cfg.sketch, resolve=True))
     n_probes = int(options.pop("n_probes", 0))
     lean = bool(options.pop("lean", False))
-    variant = training_variant(n_probes=n_probes, amp=t.amp, grad_checkpointing=bool(t.grad_checkpointing),
-                               lean=lean and lean_available())
+    variant = training_variant(n_probes=n_probes, amp=t.amp, grad_checkpointing=bool(t.grad_checkpointing), lean=lean)
     spacing = [float(v) for v in model_cfg["spacing"]]
     patch: list[int] | None = None
     if dist is None or not dist.enabled or dist.is_main:

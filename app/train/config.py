@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import app
-
 __all__ = ["CONFIG_NAME", "config_dir"]
 
 CONFIG_NAME = "train"
@@ -23,7 +21,7 @@ def config_dir() -> Path:
         FileNotFoundError: neither ``app/conf`` (installed) nor ``<repo>/conf`` (checkout)
             holds ``train.yaml``.
     """
-    package = Path(app.__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the installed app/ (or the checkout's)
     candidates = [package / "conf", package.parent / "conf"]
     for folder in candidates:
         if (folder / f"{CONFIG_NAME}.yaml").is_file():

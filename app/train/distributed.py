@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "cleanup"]
+from app.utils import resolve_device
+
+__all__ = ["DistInfo", "init_distributed", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -29,27 +31,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's CUDA device if CUDA is available, else the CPU.
-
-    Raises:
-        ValueError: ``cuda`` requested on a machine without CUDA, or an unknown name.
-    """
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, but got trainer.device={name!r}") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("trainer.device=cuda but CUDA is not available here; use trainer.device=auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def init_distributed(device_name: str) -> DistInfo:
     """Join the process group when launched by ``torchrun`` with more than one process.
 
@@ -59,7 +40,7 @@ def init_distributed(device_name: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, option="trainer.device")
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -33,32 +33,29 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import app.nn
-from app.nn.fidelity import split_sketch_config
 from app.data import Preprocessing, build_loaders, load_datalist
-from app.models import build_model, load_checkpoint, resolve_model_config, save_checkpoint
+from app.models import (
+    build_model,
+    deep_supervision_loss,
+    enable_grad_checkpointing,
+    load_checkpoint,
+    resolve_model_config,
+    save_checkpoint,
+)
+from app.nn.fidelity import split_sketch_config
+from app.train.auto_patch import is_auto, resolve_auto_patch_size
 from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
-from app.train.grad_checkpoint import enable_grad_checkpointing
 from app.train.state import rng_state, seed_epoch, seed_everything, set_rng_state
 from app.train.tracking import Tracker
 from app.train.validation import class_dice, mean_dice, validate
+from app.utils import amp_dtype
 
-__all__ = ["TrainingError", "train", "AMP_DTYPES"]
+__all__ = ["TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
 class TrainingError(RuntimeError):
     """The run cannot go on for a reason the user can fix; the message is one line saying how."""
-
-
-def amp_dtype(value: Any) -> torch.dtype | None:
-    """``trainer.amp`` as an autocast dtype (YAML reads a bare ``off`` as ``False``)."""
-    key = "off" if value is None or value is False else str(value).lower()
-    if key not in AMP_DTYPES:
-        raise ValueError(f"trainer.amp must be one of {list(AMP_DTYPES)}, but got trainer.amp={value!r}")
-    return AMP_DTYPES[key]
 
 
 def out_of_memory_message(cfg: DictConfig, where: str) -> str:
@@ -78,7 +75,7 @@ def out_of_memory_message(cfg: DictConfig, where: str) -> str:
             f"sketch.n_probes (now {s.n_probes})" if str(s.n_probes) != "0"
             else "use stochastic backprop: sketch=default (now sketch.n_probes=0)",
         ]
-        if amp_dtype(t.amp) is None:
+        if amp_dtype(t.amp, "trainer.amp") is None:
             hints.append(f"set trainer.amp=bf16 (now {t.amp})")
         if not t.grad_checkpointing:
             hints.append("set trainer.grad_checkpointing=true (now false)")
@@ -115,7 +112,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info
         self.device = dist_info.device
-        self.amp_dtype = amp_dtype(cfg.trainer.amp)
+        self.amp_dtype = amp_dtype(cfg.trainer.amp, "trainer.amp")
         if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
             log.warning("trainer.amp=fp16 on the CPU is slow and rarely useful; bf16 is the CPU's half type")
         self.output_dir = Path(cfg.output_dir)
@@ -167,9 +164,7 @@ class Trainer:
             )
         if model_cfg.get("spacing") is None:
             model_cfg["spacing"] = [float(s) for s in self.datalist_spacing()]
-        if str(cfg.trainer.patch_size).strip().lower() == "auto":  # largest patch within trainer.memory_budget_gib
-            from app.plan.training import resolve_auto_patch_size  # (app.plan measures it; lazy: rarely used)
-
+        if is_auto(cfg.trainer.patch_size):  # the largest patch within trainer.memory_budget_gib
             model_cfg["patch_size"] = resolve_auto_patch_size(cfg, model_cfg, self.device, self.dist, self.datalist)
         self.model_config = resolve_model_config(model_cfg)
         with open_dict(cfg):  # the resolved config saved with the run holds what was derived
@@ -308,14 +303,10 @@ class Trainer:
             log.info("step %d: probes per layer (n_probes: layers) %s", self.progress.global_step, dict(sorted(counts.items())))
 
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, *S), weights 1, 1/2, ...
-            weights = [0.5**i for i in range(logits.shape[1])]
-            return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
-        return self.loss_fn(logits, label)
+        return deep_supervision_loss(self.loss_fn, logits, label)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        t, model, accum = self.cfg.trainer, self.model, int(self.cfg.trainer.grad_accum)
+        model, accum = self.model, int(self.cfg.trainer.grad_accum)
         remaining = self.total_steps - self.progress.global_step
         n_steps = min(self.steps_per_epoch, remaining)
         model.train()

@@ -49,7 +49,7 @@ class Tracker:
             group=w.group,
             tags=list(w.tags or []),
             config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=float(w.init_timeout)),
         )
         log.info("W&B %s run in %s", mode, self.run.dir)
 

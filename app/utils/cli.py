@@ -1,0 +1,31 @@
+"""Command-line values shared by the entry points."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+__all__ = ["parse_key_values"]
+
+
+def parse_key_values(pairs: Sequence[str], option: str = "--model-arg") -> dict[str, Any]:
+    """``["channels=[32,64]", "norm=batch"]`` -> ``{"channels": [32, 64], "norm": "batch"}``.
+
+    Values are read as YAML (a superset of JSON): numbers, lists, ``null``, ``true``, and bare
+    words as strings.
+
+    Raises:
+        ValueError: a pair without ``=`` or an empty key, or a value YAML cannot read (naming ``option``).
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} takes KEY=VALUE (VALUE read as YAML, e.g. channels=[32,64]), but got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{option} {pair!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from exc
+    return out
