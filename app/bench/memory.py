@@ -49,7 +49,7 @@ from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
-from app.utils import resolve_device
+from app.utils import atomic_path, resolve_device
 
 __all__ = ["BENCH_MODELS", "DEFAULT_SIZES", "DEFAULT_VARIANTS", "main", "run", "write_plot"]
 
@@ -269,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows: list[dict[str, Any]], found: list[tuple[str, PlanResult]]) -> str:
         """(Re)write memory.md and memory.json: partial results survive an interrupted run."""
         text = report(rows, found)
-        (out / "memory.md").write_text(text)
+        with atomic_path(out / "memory.md") as tmp:
+            tmp.write_text(text)
         raw = {"environment": environment(), "device": device_name(device), "args": vars(args), "rows": rows,
                "max_cube": [{"model": m, "variant": r.variant, "patch_size": r.patch_size,
                              "stats": None if r.stats is None else r.stats.to_dict()} for m, r in found]}
-        (out / "memory.json").write_text(json.dumps(raw, indent=1, default=str))
+        with atomic_path(out / "memory.json") as tmp:
+            tmp.write_text(json.dumps(raw, indent=1, default=str))
         return text
 
     def progress(rows: list[dict[str, Any]]) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from app.models import build_model, plan_dynunet, resolve_model_config
 from app.nn import DEFAULT_N_PROBES
+from app.utils import resolve_device
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.measure import GIB, OK, OOM, StepStats, Variant, device_name, measure_step, model_config_for_patch, parse_variant
 
@@ -56,7 +57,7 @@ __all__ = [
 # the skip tensors, torch.cat copies), so the factor is above 1, and far above 1 when little is
 # saved (ckpt, lean). On CUDA, `python -m app.bench memory` prints it per row ("calib" column);
 # CALIBRATION_FACTORS holds the H200 figures of the default DynUNet at 256^3 (docs/benchmarks.md,
-# section 2; default sketch). DEFAULT_CALIBRATION_FACTOR (variants not listed) is the exact one.
+# "Memory: peak and step time on the H200"; default sketch). DEFAULT_CALIBRATION_FACTOR (variants not listed) is the exact one.
 CALIBRATION_FACTORS: dict[str, float] = {
     "exact": 1.27, "amp": 1.24, "ckpt": 3.85, "stochastic": 1.34,
     "stochastic+lean": 3.02, "stochastic+lean+amp": 2.34, "stochastic+lean+ckpt": 4.98,
@@ -338,7 +339,7 @@ def plan(
     cfg = dict(model_cfg)
     if cfg.get("spacing") is None:
         cfg["spacing"] = spacing
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device("auto" if device is None else device)
     if budget_gib is None:
         budget_gib = default_budget_gib(dev)
     if not budget_gib > 0:
