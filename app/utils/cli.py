@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +14,8 @@ __all__ = ["parse_key_values"]
 def parse_key_values(pairs: Sequence[str], option: str = "--model-arg") -> dict[str, Any]:
     """``["channels=[32,64]", "norm=batch"]`` -> ``{"channels": [32, 64], "norm": "batch"}``.
 
-    Values are read as YAML (a superset of JSON): numbers, lists, ``null``, ``true``, and bare
-    words as strings.
+    Values are read as JSON where they are JSON (``1e-3`` is a number), else as YAML (bare words
+    are strings, ``[a, b]`` a list of strings).
 
     Raises:
         ValueError: a pair without ``=`` or an empty key, or a value YAML cannot read (naming ``option``).
@@ -23,9 +24,14 @@ def parse_key_values(pairs: Sequence[str], option: str = "--model-arg") -> dict[
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{option} takes KEY=VALUE (VALUE read as YAML, e.g. channels=[32,64]), but got {pair!r}")
+            raise ValueError(f"{option} takes KEY=VALUE (VALUE read as JSON or YAML, e.g. channels=[32,64]), but got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+            continue
+        except ValueError:
+            pass
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ValueError(f"{option} {pair!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from exc
+            raise ValueError(f"{option} {pair!r}: the value is neither JSON nor valid YAML ({' '.join(str(exc).split())})") from exc
     return out

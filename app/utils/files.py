@@ -11,6 +11,13 @@ from pathlib import Path
 __all__ = ["atomic_path"]
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yields a temporary path beside ``path``; when the block succeeds the file written there is
@@ -18,7 +25,9 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
 
     An exception (or a kill) inside the block never leaves a half-written file under ``path``:
     the previous file, if any, stays, and the temporary file is removed. Concurrent writers of the
-    same content (DDP ranks) each write their own temporary file.
+    same content (DDP ranks) each write their own temporary file. The file gets the permissions
+    of any new file (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``; its hidden
+    temporary name starts with a dot.
 
     Args:
         path: the destination; its folder is created if missing.
@@ -38,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
