@@ -39,6 +39,7 @@ def test_every_layer_is_profiled_and_the_sketch_costs_ops():
 def test_cli_prints_and_writes_the_summary(tmp_path, capsys):
     assert COMMANDS["profile"][0] == "app.bench.profile"
     assert main(["--edge", "16", "--device", "cpu", "--repeat", "1", "--n-probes", "8", "--layers",
+                 "--model-arg", "base_features=4", "max_features=8", "max_depth=3",
                  "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "| kind | layers | pass | converted ops | converted host ms | plain ops | plain host ms |" in text

@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 import app.nn
 from app.measure import environment, markdown_table, synchronize
 from app.models import build_model, resolve_model_config
-from app.utils import amp_dtype, atomic_path, resolve_device
+from app.utils import amp_dtype, atomic_path, parse_key_values, resolve_device
 
 __all__ = ["LayerProfile", "PassProfile", "layer_kind", "main", "profile_calls", "profile_layer", "profile_layers"]
 
@@ -197,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.bench profile", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("Examples::")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dynunet", choices=["dynunet", "unet"], help="network. Default dynunet")
+    p.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra model config keys, e.g. base_features=16 max_features=128")
     p.add_argument("--edge", type=int, default=64, help="cube edge of the input. Default 64")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--n-probes", type=int, default=app.nn.DEFAULT_N_PROBES,
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device, option="--device")
         dtype = amp_dtype(args.amp, "--amp")
+        model_args = parse_key_values(args.model_arg)
     except ValueError as err:
         parser.error(str(err))
     cuda = device.type == "cuda"
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                            "spacing": [1.0, 1.0, 1.0]}
     if args.model == "unet":
         cfg.update(channels=[32, 64, 128, 256, 320], strides=[2, 2, 2, 2], num_res_units=2)
+    cfg.update(model_args)
     torch.manual_seed(0)
     model = build_model(resolve_model_config(cfg)).to(device)
     x = torch.randn(args.batch_size, 1, args.edge, args.edge, args.edge, device=device)
