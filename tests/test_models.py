@@ -265,6 +265,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
         "best_metric",
         "rng",
         "config",
+        "checksum",
     } == set(raw)
     ckpt = load_checkpoint(path)
     assert ckpt["model_config"] == resolve_model_config(CKPT_CFG)
@@ -371,3 +372,38 @@ def test_checkpoint_of_stochastic_model_loads_into_plain_model(tmp_path: Path) -
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), net.eval()(x))
+
+
+def test_flipped_byte_in_the_weights_is_found_by_the_checksum(tmp_path: Path) -> None:
+    """torch.load does not check the CRC of tensor records: the stored checksum does."""
+    path = tmp_path / "model.pt"
+    _save_tiny(path)
+    raw = torch.load(path, weights_only=True)
+    weight = next(v for k, v in raw["model_state"].items() if v.numel() > 64)
+    data = bytearray(path.read_bytes())
+    at = data.find(weight.numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 8] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt \(checksum mismatch"):
+        load_checkpoint(path)
+
+
+def test_class_names_must_cover_every_output(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    _save_tiny(path)
+    raw = torch.load(path, weights_only=True)
+    raw["class_names"] = ["background"]
+    raw.pop("checksum")  # an older checkpoint without one
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: class_names has 1 entries but the model has out_channels=2"):
+        load_checkpoint(path)
+
+
+def test_a_plain_pickle_is_refused_not_called_corrupt(tmp_path: Path) -> None:
+    import pickle
+
+    path = tmp_path / "pickled.pt"
+    path.write_bytes(pickle.dumps({"model_config": {}, "model_state": {}}, protocol=5))
+    with pytest.raises(CheckpointError, match=r"pickled\.pt: holds an object that weights_only loading refuses \(Unsupported operand"):
+        load_checkpoint(path)

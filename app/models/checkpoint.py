@@ -13,6 +13,9 @@ Keys:
 * ``preprocessing`` (dict): how inputs were pre-processed for training (spacing,
   orientation, intensity normalisation, ...), replayed at inference;
 * ``class_names`` (list[str]): one name per output channel;
+* ``checksum`` (str): ``"sha256:<hex>"`` of everything else (:func:`payload_digest`), checked at
+  load: torch's zip container does not check the CRCs of tensor records, so a flipped bit in
+  the weights would otherwise load silently;
 * plus the keys of ``extra`` (training state added by the trainer: optimizer,
   scheduler and scaler state dicts, epoch, step, best metric, RNG states, resolved
   run config).
@@ -21,9 +24,9 @@ Keys:
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import pickle
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,10 +45,11 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
+    "payload_digest",
 ]
 
 FORMAT_VERSION = 1
-RESERVED_KEYS = ("format_version", "model_config", "model_state", "preprocessing", "class_names")
+RESERVED_KEYS = ("format_version", "model_config", "model_state", "preprocessing", "class_names", "checksum")
 # Prefixes that wrappers add to state_dict keys: torch.compile, DDP / DataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -85,6 +89,37 @@ def _to_plain(value: Any, where: str) -> Any:
         f"checkpoint entry {where} has type {type(value).__name__}; only tensors, dicts, lists, "
         "str, int, float, bool and None can be stored (convert it first)"
     )
+
+
+def _digest(value: Any, h: Any) -> None:
+    """Feed one plain-data value into the hash: a type tag, then its content, in storage order."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    elif isinstance(value, Mapping):
+        h.update(f"D{len(value)}".encode())
+        for k, v in value.items():
+            h.update(f"K{type(k).__name__}:{k!r}".encode())
+            _digest(v, h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _digest(v, h)
+    else:
+        h.update(f"S{type(value).__name__}:{value!r}".encode())
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` of a checkpoint's plain data, its ``checksum`` key left out.
+
+    Tensors contribute dtype, shape and raw bytes; dicts their keys in order; scalars their
+    ``repr``. The same data gives the same digest before saving and after loading.
+    """
+    h = hashlib.sha256()
+    _digest({k: v for k, v in payload.items() if k != "checksum"}, h)
+    return f"sha256:{h.hexdigest()}"
 
 
 def save_checkpoint(
@@ -135,6 +170,7 @@ def save_checkpoint(
         if key in RESERVED_KEYS:
             raise ValueError(f"extra key {key!r} is reserved; reserved keys are {list(RESERVED_KEYS)}")
         payload[str(key)] = _to_plain(value, str(key))
+    payload["checksum"] = payload_digest(payload)
 
     try:
         with atomic_path(path) as tmp:
@@ -149,16 +185,27 @@ def _first_line(exc: BaseException) -> str:
     return text.split(". ", 1)[0].rstrip(".") if text else type(exc).__name__
 
 
+# torch's weights_only refusals start with the first marker and name the reason after the second.
+_REFUSED_MARKER = "Weights only load failed"
+_REASON_MARKER = "WeightsUnpickler error:"
+
+
 def _unpickler_reason(exc: BaseException) -> str:
     """Pull the one informative sentence out of torch's long weights_only error."""
     text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        tail = " ".join(text.split(marker, 1)[1].split())
+    if _REASON_MARKER in text:
+        tail = " ".join(text.split(_REASON_MARKER, 1)[1].split())
         for stop in (" Please use", " Check the documentation"):
             tail = tail.split(stop, 1)[0]
         return tail.strip().rstrip(".") or _first_line(exc)
     return _first_line(exc)
+
+
+def _well_formed(path: Path) -> bool:
+    """Whether a file starts like a torch.save zip archive or a pickle (not like random bytes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -182,10 +229,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
-        if "Unsupported global" in reason:
+        if "Unsupported global" in reason or (_REFUSED_MARKER in str(exc) and _well_formed(path)):
             raise CheckpointError(
-                f"{path}: holds an object that weights_only loading refuses ({reason}); "
-                "checkpoints must contain plain data only"
+                f"{path}: holds an object that weights_only loading refuses ({reason}); checkpoints hold "
+                "plain data only (tensors, dicts, lists, numbers, strings), so that loading one never runs code"
             ) from exc
         raise CheckpointError(f"{path}: corrupt or not a checkpoint ({reason})") from exc
     except Exception as exc:  # torch.load raises many types on damaged files (struct.error, EOFError, ...)
@@ -204,8 +251,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         )
     if not isinstance(ckpt["model_config"], dict) or not isinstance(ckpt["model_state"], dict):
         raise CheckpointError(f"{path}: model_config and model_state must be dicts")
+    stored = ckpt.get("checksum")
+    if stored is not None and stored != payload_digest(ckpt):
+        raise CheckpointError(f"{path}: corrupt (checksum mismatch: its data differs from what was written; "
+                              "damaged, or edited without app.models.save_checkpoint)")
     ckpt.setdefault("preprocessing", {})
-    ckpt.setdefault("class_names", [f"class_{i}" for i in range(int(ckpt["model_config"].get("out_channels", 0)))])
+    n_out = ckpt["model_config"].get("out_channels")
+    ckpt.setdefault("class_names", [f"class_{i}" for i in range(int(n_out or 0))])
+    names = ckpt["class_names"]
+    if not isinstance(names, list) or (n_out is not None and len(names) != int(n_out)):
+        raise CheckpointError(
+            f"{path}: class_names has {len(names) if isinstance(names, list) else type(names).__name__} "
+            f"entries but the model has out_channels={n_out}; one name per output channel is needed"
+        )
     return ckpt
 
 
