@@ -11,6 +11,7 @@ from app.data.datalist import DataList, load_datalist
 from app.data.errors import DataError
 from app.data.loaders import build_loaders
 from app.data.nifti import save_like
+from app.data.scan import scan_cases
 from app.data.synthetic import make_mni_dataset, make_synthetic_dataset
 from app.data.transforms import Preprocessing, infer_transforms, train_transforms, val_transforms
 from app.data.video import make_synthetic_video_dataset, read_video_volume
@@ -27,6 +28,7 @@ __all__ = [
     "make_synthetic_video_dataset",
     "read_video_volume",
     "save_like",
+    "scan_cases",
     "train_transforms",
     "val_transforms",
 ]

@@ -5,6 +5,6 @@ metrics; ``python -m app.train --help`` lists the config groups and main options
 """
 
 from app.train.config import CONFIG_NAME, config_dir
-from app.train.loop import TrainingError, train
+from app.train.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingError, train
 
-__all__ = ["CONFIG_NAME", "TrainingError", "config_dir", "train"]
+__all__ = ["CONFIG_NAME", "PREEMPTED_EXIT_CODE", "Preempted", "TrainingError", "config_dir", "train"]

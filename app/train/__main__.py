@@ -1,7 +1,9 @@
 """``python -m app.train`` / ``stochprop-train``: Hydra front end of :func:`app.train.train`.
 
 Bad data and other user-fixable errors end the program with one line on stderr and exit
-status 1 (no traceback); ``HYDRA_FULL_ERROR=1`` does not change that for them.
+status 1 (no traceback); ``HYDRA_FULL_ERROR=1`` does not change that for them. A run stopped by
+SIGTERM or SIGINT writes its checkpoint, says so in one line and exits with status 75
+(:data:`app.train.loop.PREEMPTED_EXIT_CODE`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 from app.data import DataError
 from app.models import CheckpointError
 from app.train.config import CONFIG_NAME, config_dir
-from app.train.loop import TrainingError, train
+from app.train.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingError, train
 
 __all__ = ["main"]
 
@@ -26,6 +28,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         metrics = train(cfg)
     except (DataError, CheckpointError, TrainingError) as err:
         sys.exit(f"stochprop-train: error: {err}")
+    except Preempted as stop:
+        print(f"stochprop-train: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     # a number for Hydra sweepers (--multirun with an optimizer plugin)
     return metrics.get("val/best_mean_dice", float("nan"))
 

@@ -7,15 +7,28 @@ anything else happens), build the network, make its convolutions stochastic
 (``app.nn.convert``), optionally checkpoint its stages, then train epoch by epoch: DiceCE loss
 under autocast, gradient accumulation, clipping, one scheduler step per optimizer step;
 sliding-window validation with per-class Dice every ``trainer.val_every`` epochs; ``last.pt``
-every epoch and ``best.pt`` (by mean Dice) in ``<output_dir>/checkpoints``. Only rank 0 logs and
-writes files.
+every ``trainer.checkpoint_every_steps`` steps / ``trainer.checkpoint_every_minutes`` minutes and
+every epoch, ``best.pt`` (by mean Dice), in ``<output_dir>/checkpoints``
+(:mod:`app.train.checkpoints`). Only rank 0 logs and writes files.
+
+A checkpoint taken in the middle of an epoch resumes exactly: the epoch's loader is reseeded as
+usual, the batches the run had already drawn in it are drawn again and dropped (the data time of
+that part of the epoch, no network work), then every RNG stream is restored from the checkpoint.
+
+SIGTERM and SIGINT finish the current step, write ``last.pt``, close the W&B run and raise
+:class:`Preempted` (the command line exits with :data:`PREEMPTED_EXIT_CODE`); under ``torchrun``
+the ranks agree on the step to stop after. A step whose loss or gradient is not finite is skipped
+(no optimizer update; under fp16 the GradScaler's own skipping of overflowed steps is left alone),
+counted, and logged; ``trainer.max_bad_steps`` of them in a row stop the run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -33,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import app.nn
-from app.data import Preprocessing, build_loaders, load_datalist
+from app.data import DataError, Preprocessing, build_loaders, load_datalist, scan_cases
 from app.models import (
     build_model,
     deep_supervision_loss,
@@ -44,18 +57,89 @@ from app.models import (
 )
 from app.nn.fidelity import split_sketch_config
 from app.train.auto_patch import is_auto, resolve_auto_patch_size
+from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume
 from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from app.train.state import rng_state, seed_epoch, seed_everything, set_rng_state
 from app.train.tracking import Tracker
 from app.train.validation import class_dice, mean_dice, validate
 from app.utils import amp_dtype
 
-__all__ = ["TrainingError", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of ``python -m app.train`` stopped by SIGTERM/SIGINT after writing its checkpoint
+(``EX_TEMPFAIL``: run the same command with ``trainer.resume=auto`` to continue)."""
+# Share of an epoch's wall time spent waiting for data above which the run warns (once).
+DATA_WAIT_WARN_FRACTION = 0.2
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on for a reason the user can fix; the message is one line saying how."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGINT after a complete step and a checkpoint.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        step: optimizer steps done.
+        checkpoint: the checkpoint written on the way out (None when no step had run yet).
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no step had run, no checkpoint written"
+        super().__init__(f"stopped by {signal_name} after step {step}; {where}; run again with trainer.resume=auto "
+                         "(and the same hydra.run.dir) to continue")
+
+
+def _innermost_data_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` behind a loader failure, if any, as a one-line error.
+
+    MONAI wraps a transform's exception in a ``RuntimeError`` (the DataError is its cause); a
+    DataLoader worker re-raises it with the worker's traceback in the message.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, DataError) and "\n" not in text:
+            return e
+        for line in reversed(text.splitlines()):
+            if "DataError: " in line:
+                return DataError(line.split("DataError: ", 1)[1].strip())
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _checked(loader: Any, what: str) -> Iterator[Any]:
+    """The loader's batches; its failures become the one-line errors of :func:`_loader_failure`."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (DataError, TrainingError):
+            raise
+        except Exception as exc:  # noqa: BLE001  MONAI and the DataLoader wrap the transforms' errors
+            raise _loader_failure(exc, what) from None
+        yield batch
+
+
+def _loader_failure(exc: BaseException, what: str) -> Exception:
+    """A loader exception as the one-line error the command line reports."""
+    data_error = _innermost_data_error(exc)
+    if data_error is not None:
+        return data_error
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = " ".join(str(inner).split())
+    return TrainingError(f"loading a {what} batch failed ({type(inner).__name__}: {text}); check the data")
 
 
 def out_of_memory_message(cfg: DictConfig, where: str) -> str:
@@ -91,6 +175,20 @@ class _Progress:
     best_metric: float = -math.inf
     best_epoch: int = -1
     history: list[dict[str, float]] = field(default_factory=list)
+    bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, whole run
+
+
+@dataclass
+class _EpochState:
+    """The epoch in progress, as a mid-epoch checkpoint records it."""
+
+    epoch: int
+    steps: int = 0  # optimizer steps done in this epoch
+    losses: list[float] = field(default_factory=list)  # of the good steps
+    bad_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "steps": self.steps, "losses": list(self.losses), "bad_steps": self.bad_steps}
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +215,27 @@ class Trainer:
             log.warning("trainer.amp=fp16 on the CPU is slow and rarely useful; bf16 is the CPU's half type")
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
+        self.store = CheckpointStore(self.ckpt_dir)
         self.progress = _Progress()
         self.tracker: Tracker | None = None
         self._last_batch: dict[str, torch.Tensor] | None = None
         self._previous_batch: dict[str, torch.Tensor] | None = None
+        t = cfg.trainer
+        for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "max_bad_steps"):
+            value = t.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"trainer.{key} must be a number >= 0 or null, but got trainer.{key}={value!r}")
+        self.every_steps = int(t.get("checkpoint_every_steps") or 0)
+        self.every_seconds = 60.0 * float(t.get("checkpoint_every_minutes") or 0)
+        self.max_bad_steps = int(t.get("max_bad_steps") or 0)
+        self.last_checkpoint: tuple[Path, int] | None = None  # (path, global_step) of the newest one written
+        self._last_save_time = time.monotonic()
+        self._resume_epoch: tuple[_EpochState, dict[str, Any]] | None = None  # mid-epoch state and its RNG
+        self._bad_in_row = 0
+        self._stop_signal: int | None = None
+        self._stop_agreed = False
+        self._warned_data_wait = False
+        self._first_step_of_process = True
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -146,6 +261,11 @@ class Trainer:
         self.class_names = [str(c) for c in self.datalist.class_names]
         self.n_classes = len(self.class_names)
         self.preprocessing = Preprocessing.from_dict(OmegaConf.to_container(data.preprocessing, resolve=True))
+        if self.cfg.trainer.get("scan_data", True):  # every voxel of every case, before any training step
+            started = time.perf_counter()
+            scan_cases(self.datalist.train + self.datalist.val, self.n_classes, self.preprocessing)
+            log.info("data: scanned the voxels of %d cases in %.1f s (trainer.scan_data=false skips this)",
+                     len(self.datalist.train) + len(self.datalist.val), time.perf_counter() - started)
         log.info(
             "data: %s, %d training / %d validation cases, classes %s",
             root, len(self.datalist.train), len(self.datalist.val), self.class_names,
@@ -172,6 +292,11 @@ class Trainer:
             cfg.model.spacing = self.model_config["spacing"]
         model = build_model(self.model_config)
         # n_probes=auto: start at the largest candidate, then app.nn.ProbeAllocator picks per layer
+        n_probes = cfg.sketch.n_probes
+        if str(n_probes) != "auto" and (isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0):
+            raise ValueError(
+                f"sketch.n_probes must be an integer >= 0 (0 = exact backprop) or auto, but got sketch.n_probes={n_probes!r}"
+            )
         convert_kwargs, allocator_kwargs = split_sketch_config(OmegaConf.to_container(cfg.sketch, resolve=True))
         self.stochastic = int(convert_kwargs["n_probes"]) > 0
         if self.stochastic:
@@ -247,10 +372,11 @@ class Trainer:
         self.grad_clip = None if o.grad_clip is None else float(o.grad_clip)
 
     def maybe_resume(self) -> None:
-        path = self.cfg.trainer.resume
-        if not path:
+        """``trainer.resume``: a path, or ``auto`` (the newest good checkpoint of this run folder)."""
+        found = find_resume(self.cfg.trainer.resume, self.ckpt_dir)
+        if found is None:
             return
-        ckpt = load_checkpoint(Path(str(path)).expanduser(), map_location="cpu")
+        path, ckpt = found
         missing = [k for k in ("optimizer", "scheduler", "epoch", "global_step", "rng") if k not in ckpt]
         if missing:
             raise TrainingError(f"{path}: not a training checkpoint (no {missing}); trainer.resume needs a last.pt or best.pt")
@@ -270,9 +396,32 @@ class Trainer:
             best_metric=-math.inf if best is None else float(best),
             best_epoch=int(ckpt.get("best_epoch", -1)),
             history=list(ckpt.get("history", [])),
+            bad_steps=int(ckpt.get("bad_steps", 0)),
         )
+        allocation = ckpt.get("probe_allocation")
+        if allocation:
+            self._apply_allocation(allocation)
+        partial = ckpt.get("partial_epoch")
+        if partial:
+            state = _EpochState(int(partial["epoch"]), int(partial["steps"]), [float(x) for x in partial["losses"]],
+                                int(partial.get("bad_steps", 0)))
+            self._resume_epoch = (state, ckpt["rng"])
         set_rng_state(ckpt["rng"])
-        log.info("resumed from %s: epoch %d done, step %d", path, self.progress.epoch + 1, self.progress.global_step)
+        self.last_checkpoint = (path, self.progress.global_step)
+        where = f"epoch {state.epoch + 1}, step {state.steps} of it" if partial else f"epoch {self.progress.epoch + 1} done"
+        log.info("resumed from %s: %s, step %d", path, where, self.progress.global_step)
+
+    def _apply_allocation(self, allocation: dict[str, int]) -> None:
+        """Give each stochastic layer the probe count a checkpoint recorded (``sketch.n_probes=auto``)."""
+        layers = dict(app.nn.stochastic_layers(_unwrap(self.model)))
+        for name, n in allocation.items():
+            if name in layers and hasattr(layers[name], "n_probes"):
+                layers[name].n_probes = int(n)
+
+    def _allocation(self) -> dict[str, int]:
+        if self.allocator is None:
+            return {}
+        return {name: int(m.n_probes) for name, m in app.nn.stochastic_layers(_unwrap(self.model)) if hasattr(m, "n_probes")}
 
     # ----------------------------------------------------------------------------- loop
 
@@ -305,62 +454,170 @@ class Trainer:
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return deep_supervision_loss(self.loss_fn, logits, label)
 
+    def _next_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        try:
+            return next(batches)
+        except (DataError, TrainingError):
+            raise
+        except Exception as exc:  # noqa: BLE001  MONAI and the DataLoader wrap the transforms' errors
+            raise _loader_failure(exc, "training") from None
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (or its rest, after a mid-epoch resume); its metrics.
+
+        ``train/step_time_s`` is the wall time per optimizer step, data wait included;
+        ``train/data_wait_s`` the part of it spent waiting for the loader, and
+        ``train/data_wait_fraction`` that part's share of the epoch.
+        """
         model, accum = self.model, int(self.cfg.trainer.grad_accum)
-        remaining = self.total_steps - self.progress.global_step
-        n_steps = min(self.steps_per_epoch, remaining)
         model.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batches = self._batches(epoch)
-        losses: list[float] = []
+        state = _EpochState(epoch)
+        if self._resume_epoch is not None and self._resume_epoch[0].epoch == epoch:
+            state, rng = self._resume_epoch
+            for _ in range(state.steps * accum):  # the loader's position in the epoch: redraw, drop
+                self._next_batch(batches)
+            set_rng_state(rng)
+        self._resume_epoch = None
+        n_steps = min(self.steps_per_epoch, state.steps + self.total_steps - self.progress.global_step)
         step_times: list[float] = []
-        data_time = 0.0
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.max_epochs}", unit="step",
+        waits: list[float] = []
+        every_log = int(self.cfg.logger.log_every)
+        every_console = int(self.cfg.trainer.get("console_every") or 0)
+        bar = tqdm(total=n_steps, initial=state.steps, desc=f"epoch {epoch + 1}/{self.max_epochs}", unit="step",
                    disable=not self.dist.is_main, leave=False, dynamic_ncols=True, file=sys.stderr)
         try:
-            for _ in range(n_steps):
-                micro = []
+            while state.steps < n_steps:
                 t0 = time.perf_counter()
-                for _ in range(accum):
-                    micro.append(next(batches))
+                micro = [self._next_batch(batches) for _ in range(accum)]
                 t1 = time.perf_counter()
-                data_time += t1 - t0
                 try:
                     if self.allocator is not None:
                         self._reallocate_probes(micro[0])
-                    loss = self._optimizer_step(micro)
+                    loss, good = self._optimizer_step(micro)
                     self._previous_batch, self._last_batch = self._last_batch, micro[-1]
                 except torch.OutOfMemoryError:
                     raise TrainingError(out_of_memory_message(self.cfg, "the training step")) from None
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                step_times.append(time.perf_counter() - t1)
+                t2 = time.perf_counter()
+                if self._first_step_of_process:  # one-off set-up (allocator, autotuning, workers): not timed
+                    self._first_step_of_process = False
+                else:
+                    step_times.append(t2 - t0)
+                    waits.append(t1 - t0)
                 self.progress.global_step += 1
-                losses.append(loss)
+                state.steps += 1
+                step = self.progress.global_step
+                if good:
+                    state.losses.append(loss)
+                    self._bad_in_row = 0
+                else:
+                    self._count_bad_step(state, loss)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update()
-                if self.tracker and self.progress.global_step % int(self.cfg.logger.log_every) == 0:
-                    self.tracker.log({"train/loss": loss, "train/lr": lr, "epoch": epoch + 1}, self.progress.global_step)
+                if self.tracker and step % every_log == 0:
+                    self.tracker.log({"train/loss": loss, "train/lr": lr, "train/step_time_s": t2 - t0,
+                                      "train/data_wait_s": t1 - t0, "train/bad_steps": self.progress.bad_steps,
+                                      "epoch": epoch + 1}, step)
+                if self.dist.is_main and every_console and step % every_console == 0:
+                    log.info("step %d/%d: loss %.4f, %.3f s/step (data wait %.3f s)", step, self.total_steps, loss,
+                             t2 - t0, t1 - t0)
+                if self._stop_agreed:
+                    self._stop(state)
+                if self._checkpoint_due(step):
+                    self._save_last(state)
         finally:
             bar.close()
+        timed = sum(step_times)
         metrics = {
-            "train/epoch_loss": float(np.mean(losses)),
-            # the first step of a run includes one-off set-up (allocator, autotuning): skip it when there are more
-            "train/step_time_s": float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)),
-            "train/data_time_s": data_time / max(1, n_steps),
+            "train/epoch_loss": float(np.mean(state.losses)) if state.losses else math.nan,
+            "train/step_time_s": timed / len(step_times) if step_times else math.nan,
+            "train/data_wait_s": sum(waits) / len(waits) if waits else math.nan,
+            "train/data_wait_fraction": sum(waits) / timed if timed > 0 else math.nan,
+            "train/bad_steps": float(state.bad_steps),
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+        self._warn_data_wait(metrics["train/data_wait_fraction"])
         if self.device.type == "cuda":
             metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
-    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        """Forward/backward over the micro-batches, one optimizer and scheduler step; the mean loss."""
+    def _warn_data_wait(self, fraction: float) -> None:
+        if self._warned_data_wait or not self.dist.is_main or not fraction > DATA_WAIT_WARN_FRACTION:
+            return
+        self._warned_data_wait = True
+        t, d = self.cfg.trainer, self.cfg.data
+        log.warning(
+            "%.0f%% of this epoch's wall time waited for data: raise trainer.num_workers (now %s) or cache the "
+            "pre-processed volumes with data.cache=memory or disk (now %s)", 100 * fraction, t.num_workers, d.cache,
+        )
+
+    def _count_bad_step(self, state: _EpochState, loss: float) -> None:
+        """A skipped step: count it, log it, stop after ``trainer.max_bad_steps`` in a row."""
+        self._bad_in_row += 1
+        state.bad_steps += 1
+        self.progress.bad_steps += 1
+        step = self.progress.global_step
+        log.warning("step %d: non-finite loss or gradient (loss %s); optimizer step skipped (%d in a row, %d in all)",
+                    step, loss, self._bad_in_row, self.progress.bad_steps)
+        if self.max_bad_steps and self._bad_in_row >= self.max_bad_steps:
+            if self.last_checkpoint is not None:
+                good = f"the last good checkpoint is {self.last_checkpoint[0]} (step {self.last_checkpoint[1]})"
+            else:
+                good = "no checkpoint was written yet"
+            raise TrainingError(
+                f"{self._bad_in_row} optimizer steps in a row had a non-finite loss or gradient (steps "
+                f"{step - self._bad_in_row + 1}..{step}, trainer.max_bad_steps={self.max_bad_steps}); {good}; "
+                "lower optim.optimizer.lr, set optim.grad_clip, use trainer.amp=bf16 instead of fp16, or check the data"
+            )
+
+    def _checkpoint_due(self, step: int) -> bool:
+        if not self.dist.is_main or self._bad_in_row:  # during a run of bad steps the last good one stays newest
+            return False
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds) and time.monotonic() - self._last_save_time >= self.every_seconds
+
+    def _save_last(self, state: _EpochState | None) -> Path:
+        started = time.perf_counter()
+        path = self.save(LAST, state)
+        log.info("step %d: wrote %s (%.2f s)", self.progress.global_step, path, time.perf_counter() - started)
+        return path
+
+    def _stop(self, state: _EpochState | None) -> None:
+        """Write ``last.pt`` (rank 0), wait for every rank, raise :class:`Preempted`."""
+        path = self._save_last(state) if self.dist.is_main else self.ckpt_dir / LAST
+        barrier(self.dist)
+        raise Preempted(signal.Signals(self._stop_signal or signal.SIGTERM).name, self.progress.global_step, path)
+
+    def _agree(self, bad: bool) -> bool:
+        """Whether this step is bad on any rank; also sets ``_stop_agreed`` when any rank got a signal."""
+        stop = self._stop_signal is not None
+        if self.dist.enabled:
+            flags = torch.tensor([float(bad), float(stop)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+            if stop and self._stop_signal is None:
+                self._stop_signal = int(signal.SIGTERM)
+        self._stop_agreed = stop
+        return bad
+
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool]:
+        """Forward/backward over the micro-batches, then one optimizer and scheduler step.
+
+        Returns:
+            ``(loss, good)``: the mean loss, and False when the step was skipped because its loss
+            or (outside fp16) its gradient was not finite. The scheduler steps either way, so the
+            schedule stays aligned with the step count. Under fp16 the GradScaler skips the
+            update of an overflowed gradient by itself and lowers its scale; that is not a bad step.
+        """
         model, accum = self.model, len(micro)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             image, label = _to_device(batch, self.device)
             sync = model.no_sync() if isinstance(model, DistributedDataParallel) and i < accum - 1 else nullcontext()
@@ -369,14 +626,24 @@ class Trainer:
                     logits = model(image)
                 loss = self._loss(logits, label) / accum
                 self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            total += loss.detach().float()
+        value = float(total)
+        bad = not math.isfinite(value)
+        if not bad and not self.scaler.is_enabled():
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad = self._agree(bad)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return value, False
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return total
+        return value, True
 
     def validate(self) -> tuple[dict[str, float], list[np.ndarray]]:
         """Per-class and mean Dice over the validation volumes (of every rank, under DDP)."""
@@ -384,7 +651,7 @@ class Trainer:
         n_images = int(self.cfg.logger.wandb.n_images) if self.tracker and self.tracker.active else 0
         try:
             per_case, images = validate(
-                _unwrap(self.model), self.val_loader, n_classes=self.n_classes, roi_size=list(t.patch_size),
+                _unwrap(self.model), _checked(self.val_loader, "validation"), n_classes=self.n_classes, roi_size=list(t.patch_size),
                 device=self.device, amp_dtype=self.amp_dtype, sw_batch_size=int(t.sw_batch_size),
                 overlap=float(t.sw_overlap), n_images=n_images,
             )
@@ -411,29 +678,55 @@ class Trainer:
         )
         return app.nn.fidelity_figures(report)
 
-    def save(self, name: str, epoch: int) -> Path:
-        path = self.ckpt_dir / name
+    def save(self, name: str, partial: _EpochState | None = None) -> Path:
+        """Write ``<output_dir>/checkpoints/<name>`` (rank 0) with the full training state.
+
+        Args:
+            name: ``last.pt`` or ``best.pt``.
+            partial: the epoch in progress, for a checkpoint taken inside it (None at an epoch's end).
+        """
         p = self.progress
-        save_checkpoint(
-            path,
+        extra = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": p.epoch,
+            "global_step": p.global_step,
+            "partial_epoch": None if partial is None else partial.to_dict(),
+            "best_metric": None if p.best_metric == -math.inf else p.best_metric,
+            "best_epoch": p.best_epoch,
+            "bad_steps": p.bad_steps,
+            "history": p.history,
+            "probe_allocation": self._allocation(),
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        path = self.store.write(name, lambda target: save_checkpoint(
+            target,
             model_state=_unwrap(self.model).state_dict(),
             model_config=self.model_config,
             preprocessing=self.preprocessing.to_dict(),
             class_names=self.class_names,
-            extra={
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "epoch": epoch,
-                "global_step": p.global_step,
-                "best_metric": None if p.best_metric == -math.inf else p.best_metric,
-                "best_epoch": p.best_epoch,
-                "history": p.history,
-                "rng": rng_state(),
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            },
-        )
+            extra=extra,
+        ))
+        if name == LAST:
+            self.last_checkpoint = (path, p.global_step)
+            self._last_save_time = time.monotonic()
         return path
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT set a flag checked after every step (a second SIGINT interrupts at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("%s: stopping after the current step, with a checkpoint (SIGINT again: stop at once)",
+                        signal.Signals(signum).name)
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def fit(self) -> dict[str, float]:
         """Set up, train, validate, checkpoint; return the last epoch's metrics and the best Dice."""
@@ -445,6 +738,8 @@ class Trainer:
         self.setup_optim()
         self.maybe_resume()
         if self.dist.is_main:
+            for stale in self.store.clean_temporaries():
+                log.info("removed %s, left by an interrupted checkpoint write", stale)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.output_dir / "config_resolved.yaml", resolve=True)
             self.tracker = Tracker(cfg, self.output_dir)
@@ -457,6 +752,8 @@ class Trainer:
         )
         metrics: dict[str, float] = {}
         start = self.progress.epoch + 1
+        self._last_save_time = time.monotonic()
+        handlers = self._install_signal_handlers()
         try:
             for epoch in range(start, self.max_epochs):
                 if self.progress.global_step >= self.total_steps:
@@ -482,12 +779,19 @@ class Trainer:
                     if every > 0 and ((epoch + 1) % every == 0 or last):
                         metrics.update(self.fidelity())
                     if improved:
-                        self.save("best.pt", epoch)
-                    self.save("last.pt", epoch)
+                        self.save(BEST)
+                    if not self._bad_in_row:
+                        self.save(LAST)
                     self.tracker.log(metrics, self.progress.global_step, images=images)
                     log.info(_summary(metrics, self.max_epochs))
                 barrier(self.dist)
+                self._agree(False)
+                if self._stop_agreed:  # a signal during validation: the epoch's checkpoint is written
+                    raise Preempted(signal.Signals(self._stop_signal or signal.SIGTERM).name, self.progress.global_step,
+                                    self.last_checkpoint[0] if self.last_checkpoint else None)
         finally:
+            for signum, previous in handlers.items():
+                signal.signal(signum, previous)
             if self.tracker is not None:
                 self.tracker.finish()
         metrics["global_step"] = float(self.progress.global_step)
@@ -496,7 +800,9 @@ class Trainer:
 
 def _summary(metrics: dict[str, float], max_epochs: int) -> str:
     parts = [f"epoch {int(metrics['epoch'])}/{max_epochs}", f"loss {metrics['train/epoch_loss']:.4f}",
-             f"{metrics['train/step_time_s']:.3f} s/step"]
+             f"{metrics['train/step_time_s']:.3f} s/step ({100 * metrics['train/data_wait_fraction']:.0f}% data wait)"]
+    if metrics.get("train/bad_steps"):
+        parts.append(f"{int(metrics['train/bad_steps'])} steps skipped (non-finite)")
     if "train/peak_memory_gb" in metrics:
         parts.append(f"peak {metrics['train/peak_memory_gb']:.2f} GiB")
     if "val/mean_dice" in metrics:
@@ -518,7 +824,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         app.data.DataError: bad data, before training starts (one line naming the file).
-        TrainingError: the run cannot go on (CUDA out of memory, no batch, bad resume file).
+        TrainingError: the run cannot go on (CUDA out of memory, no batch, bad resume file,
+            ``trainer.max_bad_steps`` non-finite steps in a row).
+        Preempted: SIGTERM or SIGINT; the checkpoint written on the way out is named.
         ValueError: inconsistent settings (the message names the key).
     """
     dist_info = init_distributed(cfg.trainer.device)

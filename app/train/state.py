@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import app.nn
+from app.nn.probes import seed_state, set_seed_state
 
 __all__ = ["derive_seed", "seed_everything", "seed_epoch", "rng_state", "set_rng_state"]
 
@@ -71,14 +72,16 @@ def seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Snapshot of the torch (CPU and CUDA), numpy and Python RNGs as plain data."""
+    """Snapshot of the torch (CPU and CUDA), numpy, Python and sketch (:mod:`app.nn`) RNGs as plain data."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
+    s_version, s_internal, s_gauss = seed_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {"kind": str(kind), "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "sketch": {"version": s_version, "internal": list(s_internal), "gauss_next": s_gauss},
     }
 
 
@@ -92,3 +95,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    s = state.get("sketch")  # optional: checkpoints without it still load
+    if s is not None:
+        set_seed_state((s["version"], tuple(s["internal"]), s["gauss_next"]))
