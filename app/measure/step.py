@@ -40,6 +40,8 @@ from app.measure.variants import Variant, parse_variant
 from app.models import build_model, deep_supervision_loss, enable_grad_checkpointing, resolve_model_config
 
 __all__ = [
+    "TrainingStep",
+    "build_variant_model",
     "StepStats",
     "device_name",
     "free_memory",
@@ -178,47 +180,69 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:600]}" if text else type(exc).__name__
 
 
-def _build(cfg: dict[str, Any], v: Variant, n_probes: int, sketch_options: Mapping[str, Any], seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+def build_variant_model(
+    cfg: dict[str, Any], variant: Variant, n_probes: int, sketch_options: Mapping[str, Any], seed: int = 0
+) -> torch.nn.Module:
+    """The network of a resolved model config with ``variant``'s levers applied (stochastic/lean
+    layers, gradient checkpointing), its weights seeded by ``seed`` (the global RNG is left alone)."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
-    if v.stochastic or v.lean:
+    if variant.stochastic or variant.lean:
         kwargs = dict(sketch_options)
-        if v.lean:
+        if variant.lean:
             kwargs["lean"] = True
-        app.nn.convert(model, n_probes if v.stochastic else 0, **kwargs)
-    if v.ckpt:
+        app.nn.convert(model, n_probes if variant.stochastic else 0, **kwargs)
+    if variant.ckpt:
         enable_grad_checkpointing(model)
     return model
+
+
+class TrainingStep:
+    """What training runs, on random data: forward (under the variant's autocast), DiceCE over the
+    deep-supervision heads in fp32, backward, AdamW step.
+
+    Args:
+        cfg: a resolved model config (:func:`model_config_for_patch`).
+        variant: the levers.
+        patch: spatial input size.
+        batch_size: patches per step.
+        n_probes, sketch_options: stochastic-layer settings (``app.nn.convert``).
+        device: where to run.
+        seed: seeds the weights, the input and the label.
+    """
+
+    def __init__(self, cfg: dict[str, Any], variant: Variant, patch: Sequence[int], batch_size: int, n_probes: int,
+                 sketch_options: Mapping[str, Any], device: torch.device, seed: int = 0) -> None:
+        from monai.losses import DiceCELoss
+
+        self.model = build_variant_model(cfg, variant, n_probes, sketch_options, seed).to(device).train()
+        self.parameters = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-4)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn((batch_size, int(cfg["in_channels"]), *patch), generator=gen).to(device)
+        self.y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
+        self.device, self.dtype = device, variant.autocast_dtype
+
+    def forward_loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(self.x)
+        return deep_supervision_loss(self.loss_fn, logits, self.y)  # as the trainer: in fp32, outside autocast
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_loss().backward()
+        self.optimizer.step()
 
 
 def _run(
     cfg: dict[str, Any], v: Variant, patch: tuple[int, ...], batch_size: int, n_probes: int,
     sketch_options: Mapping[str, Any], device: torch.device, warmup: int, repeat: int, seed: int,
 ) -> StepStats:
-    from monai.losses import DiceCELoss
-
     base = reset_peak(device)  # what was allocated before the network (normally 0)
-    model = _build(cfg, v, n_probes, sketch_options, seed).to(device).train()
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch_size, int(cfg["in_channels"]), *patch)
-    x = torch.randn(shape, generator=gen).to(device)
-    y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
-
-    dtype = v.autocast_dtype
-
-    def forward_loss() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        return deep_supervision_loss(loss_fn, logits, y)  # as the trainer: in fp32, outside autocast
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward_loss().backward()
-        optimizer.step()
+    step = TrainingStep(cfg, v, patch, batch_size, n_probes, sketch_options, device, seed)
+    params, forward_loss = step.parameters, step.forward_loss
 
     with app.nn.SavedTensorCounter(ignore=params) as saved:
         loss = forward_loss()

@@ -1,0 +1,234 @@
+"""``python -m app.bench trace``: every byte alive at a training step's memory peak, and where it came from.
+
+One training step (:class:`app.measure.TrainingStep`: forward, DiceCE, backward, AdamW) per variant
+runs under ``torch.profiler`` with memory profiling. Its memory timeline (torch's own categories:
+parameters, optimizer state, inputs, activations saved for backward, gradients, autograd detail,
+temporaries) is replayed to the step's peak; there the live bytes are split by category and
+attributed to the module (forward) or autograd node (backward) and the operator that allocated
+them. A stacked plot shows allocated memory by category over the step.
+
+Outputs: markdown on stdout and, with ``--out``, ``trace.md``, ``trace.json`` and ``trace.png``.
+
+Examples::
+
+    python -m app.bench trace --edge 256 --variants exact amp stochastic+lean+amp --out trace-256
+    python -m app.bench trace --edge 32 --device cpu --variants exact stochastic+lean
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import app.nn
+from app.measure import GIB, MIB, TrainingStep, environment, markdown_table, model_config_for_patch, parse_variant
+from app.utils import atomic_path, parse_key_values, resolve_device
+
+__all__ = ["CATEGORIES", "StepTrace", "main", "report", "trace_step", "write_plot"]
+
+CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail", "unknown")
+"""torch.profiler's memory categories, in the order of its timeline (``unknown``: not categorised)."""
+
+
+@dataclass
+class StepTrace:
+    """The memory of one traced training step.
+
+    Attributes:
+        peak_bytes: most bytes alive at once during the step (allocations the profiler saw).
+        at_peak: bytes alive at the peak, per category.
+        sources: bytes alive at the peak per ``(category, scope, operator)``, largest first;
+            ``scope`` is the innermost module for the forward pass (``Conv3d_4``: the profiler's
+            name, class and call index), the autograd node for the backward pass, ``optimizer``
+            or ``-`` (outside both, or allocated before the step).
+        times_us, by_category: the timeline for plots: per event time, bytes per category.
+    """
+
+    peak_bytes: int
+    at_peak: dict[str, int]
+    sources: list[tuple[str, str, str, int]]
+    times_us: list[float] = field(default_factory=list)
+    by_category: list[list[int]] = field(default_factory=list)
+
+
+def _category_name(category: Any) -> str:
+    return "unknown" if category is None else category.name.lower()
+
+
+def _allocation_sources(memory_profile: Any) -> dict[Any, tuple[str, str]]:
+    """TensorKey -> ``(scope, operator)`` of the allocation that created it."""
+    from torch._C._profiler import _EventType
+    from torch.profiler._memory_profiler import TensorKey
+
+    out: dict[Any, tuple[str, str]] = {}
+    for event in memory_profile._op_tree.dfs():
+        if event.typed[0] != _EventType.Allocation or event.typed[1].alloc_size <= 0:
+            continue
+        key = TensorKey.from_allocation(event.typed[1])
+        if key is None:
+            continue
+        op, scope, parent = "-", "-", event.parent
+        while parent is not None:
+            name = parent.name
+            if op == "-" and parent.typed[0] == _EventType.TorchOp:
+                op = name
+            if name.startswith("nn.Module: ") or name.startswith("autograd::engine::evaluate_function:"):
+                scope = name.removeprefix("autograd::engine::evaluate_function: ").removeprefix("nn.Module: ")
+                break
+            if name.startswith("Optimizer.step"):
+                scope = "optimizer"
+                break
+            parent = parent.parent
+        out[key] = (scope, op)
+    return out
+
+
+def trace_step(step: TrainingStep, device: torch.device, top: int = 15) -> StepTrace:
+    """Runs ``step()`` once (after a warm-up step) under the memory profiler; see :class:`StepTrace`."""
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    memory_profile = prof._memory_profile()
+    timeline = MemoryProfileTimeline(memory_profile)
+    events = [e for e in timeline.timeline if e[2][0].device == device or
+              (device.type == "cuda" and e[2][0].device.type == "cuda")]
+
+    def replay(stop: int | None) -> tuple[int, int, dict[Any, tuple[int, int]]]:
+        """Replays the first ``stop`` events; returns (peak total, its index, live {key: (bytes, version)})."""
+        live: dict[Any, tuple[int, int]] = {}
+        total = best = best_at = 0
+        for i, (_, action, (key, version), nbytes) in enumerate(events[:stop]):
+            if action in (Action.PREEXISTING, Action.CREATE):
+                live[key] = (nbytes, version)
+                total += nbytes
+            elif action == Action.INCREMENT_VERSION:
+                live[key] = (live.get(key, (nbytes, version))[0], version + 1)
+            elif action == Action.DESTROY:
+                total -= live.pop(key, (nbytes, version))[0]
+            if total > best:
+                best, best_at = total, i + 1
+        return best, best_at, live
+
+    peak, peak_at, _ = replay(None)
+    _, _, live = replay(peak_at)
+    sources = _allocation_sources(memory_profile)
+    at_peak: dict[str, int] = {c: 0 for c in CATEGORIES}
+    grouped: dict[tuple[str, str, str], int] = defaultdict(int)
+    for key, (nbytes, version) in live.items():
+        category = _category_name(memory_profile._categories.get(key, version))
+        at_peak[category] += nbytes
+        scope, op = sources.get(key, ("-", "-"))
+        grouped[(category, scope, op)] += nbytes
+    ranked = sorted(grouped.items(), key=lambda kv: -kv[1])[:top]
+    times, sizes = timeline._coalesce_timeline(str(device))
+    return StepTrace(
+        peak_bytes=peak, at_peak=at_peak, sources=[(*k, v) for k, v in ranked],
+        times_us=[float(t) for t in times], by_category=[list(s[1:]) for s in sizes],
+    )
+
+
+def write_plot(traces: dict[str, StepTrace], path: Path, title: str) -> None:
+    """Allocated memory by category over the step, one panel per variant (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4), squeeze=False, sharey=True)
+    for ax, (name, trace) in zip(axes[0], traces.items()):
+        if trace.times_us:
+            t0 = trace.times_us[0]
+            xs = [(t - t0) / 1e3 for t in trace.times_us]
+            columns = list(zip(*trace.by_category)) if trace.by_category else []
+            ax.stackplot(xs, *[[v / GIB for v in col] for col in columns], labels=list(CATEGORIES), step="post")
+        ax.set_title(f"{name}: peak {trace.peak_bytes / GIB:.2f} GiB")
+        ax.set_xlabel("time in the step (ms)")
+        ax.set_ylabel("allocated (GiB)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(traces: dict[str, StepTrace], header: str) -> str:
+    unit, label = (GIB, "GiB") if max((t.peak_bytes for t in traces.values()), default=0) > GIB else (MIB, "MiB")
+    rows = [[name, t.peak_bytes / unit, *[t.at_peak[c] / unit for c in CATEGORIES]] for name, t in traces.items()]
+    lines = [header, "", environment(), "",
+             markdown_table(["variant", f"peak {label}", *[f"{c} {label}" for c in CATEGORIES]], rows)]
+    for name, t in traces.items():
+        lines += ["", f"### {name}: the largest sources alive at the peak", "",
+                  markdown_table(["category", "scope", "operator", label],
+                                 [[c, s, op, b / unit] for c, s, op, b in t.sources])]
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.bench trace", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("Examples::")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dynunet", choices=["dynunet", "unet"], help="network. Default dynunet")
+    p.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra model config keys, e.g. base_features=16 max_features=128")
+    p.add_argument("--edge", type=int, default=128, help="cube edge of the input. Default 128")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=["exact", "amp", "stochastic+lean+amp"],
+                   help="variants to trace. Default: exact amp stochastic+lean+amp")
+    p.add_argument("--n-probes", type=int, default=app.nn.DEFAULT_N_PROBES)
+    p.add_argument("--top", type=int, default=15, help="sources listed per variant. Default 15")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N. Default auto")
+    p.add_argument("--out", default=None, help="folder for trace.md, trace.json and trace.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device, option="--device")
+        variants = [parse_variant(v) for v in args.variants]
+        model_args = parse_key_values(args.model_arg)
+    except ValueError as err:
+        parser.error(str(err))
+    cfg: dict[str, Any] = {"name": args.model, "in_channels": 1, "out_channels": 3, "spacing": [1.0, 1.0, 1.0]}
+    if args.model == "unet":
+        cfg.update(channels=[32, 64, 128, 256, 320], strides=[2, 2, 2, 2], num_res_units=2)
+    cfg.update(model_args)
+    patch = (args.edge,) * 3
+    resolved = model_config_for_patch(cfg, patch)
+    traces: dict[str, StepTrace] = {}
+    for variant in variants:
+        step = TrainingStep(resolved, variant, patch, args.batch_size, args.n_probes, {}, device)
+        traces[variant.name] = trace_step(step, device, args.top)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    header = (f"## Memory at the peak of one training step: {args.model} at {args.edge}^3, batch {args.batch_size}, "
+              f"n_probes {args.n_probes} (torch.profiler memory categories)")
+    text = report(traces, header)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        with atomic_path(out / "trace.md") as tmp:
+            tmp.write_text(text)
+        with atomic_path(out / "trace.json") as tmp:
+            tmp.write_text(json.dumps({"environment": environment(), "args": vars(args), "traces": {
+                name: {"peak_bytes": t.peak_bytes, "at_peak": t.at_peak, "sources": t.sources} for name, t in traces.items()
+            }}, indent=1))
+        with atomic_path(out / "trace.png", suffix=".png") as tmp:
+            write_plot(traces, tmp, f"{args.model} {args.edge}^3 — {environment()}")
+    return 0
