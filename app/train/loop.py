@@ -551,10 +551,10 @@ class Trainer:
             return
         self._warned_data_wait = True
         t, d = self.cfg.trainer, self.cfg.data
-        log.warning(
-            "%.0f%% of this epoch's wall time waited for data: raise trainer.num_workers (now %s) or cache the "
-            "pre-processed volumes with data.cache=memory or disk (now %s)", 100 * fraction, t.num_workers, d.cache,
-        )
+        hint = f"raise trainer.num_workers (now {t.num_workers})"
+        if str(d.cache) == "none":
+            hint += " or keep the pre-processed volumes with data.cache=memory or disk (now none)"
+        log.warning("%.0f%% of this epoch's wall time waited for data: %s", 100 * fraction, hint)
 
     def _count_bad_step(self, state: _EpochState, loss: float) -> None:
         """A skipped step: count it, log it, stop after ``trainer.max_bad_steps`` in a row."""
