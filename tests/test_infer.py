@@ -248,7 +248,7 @@ def test_bad_files_do_not_stop_the_others(
         "missing.nii.gz",
         "nan.nii.gz",
     }
-    assert "expected a 3D image" in by_name["flat.nii.gz"]
+    assert "image is 2D with shape (8, 8); a 3D volume" in by_name["flat.nii.gz"]
     assert "2 channel(s) but the model expects in_channels=1" in by_name["twochan.nii.gz"]
     assert "no such file" in by_name["missing.nii.gz"]
     assert "NaN/inf" in by_name["nan.nii.gz"]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from app.infer.engine import RESAMPLE_MODES, infer_files
+from app.infer.engine import RESAMPLE_MODES, OutputError, infer_files
 from app.infer.predict import AMP_MODES
 from app.models import CheckpointError
 
@@ -31,7 +31,9 @@ outputs (in OUTDIR):
   <name>_prob.nii[.gz]          class probabilities in [0, 1], channels last, 16 bits (--save-probabilities)
   summary.csv, summary.json     per file: status, class volumes in mL, seconds, output paths
 
-Existing label maps are kept and their input skipped unless --overwrite is given.
+Every output is written atomically: after a crash or a kill only complete files are there, and
+a re-run skips each input whose outputs all exist (label map, and probabilities with
+--save-probabilities). Existing outputs and the summary are kept unless --overwrite is given.
 Exit status: 0 if every file was segmented or skipped, 1 if any file failed, 2 on a usage or
 checkpoint error.
 
@@ -141,9 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary=None if args.no_summary else args.summary,
         progress=not args.no_progress,
     )
+    summary_error = None
     try:
         with logging_redirect_tqdm([log]):
             results = infer_files(args.checkpoint, args.inputs, args.output, **options)
+    except OutputError as exc:
+        if not exc.results:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        results, summary_error = exc.results, " ".join(str(exc).split())
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -158,10 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(results)} file(s): {written} segmented, {skipped} skipped (existing output), {len(failed)} failed",
             file=sys.stderr,
         )
-        if options["summary"] and not args.quiet:
+        if options["summary"] and not args.quiet and summary_error is None:
             print(f"summary: {args.output}/{options['summary']}.csv and .json", file=sys.stderr)
     for r in failed:
         print(f"FAILED {r.input}: {r.message}", file=sys.stderr)
+    if summary_error is not None:
+        print(f"error: {summary_error}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

@@ -29,14 +29,15 @@ from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from app.data.errors import DataError
+from app.data.nifti import read_header_info
 from app.data.transforms import infer_transforms
 from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
 from app.infer.predict import WindowSettings, predict_logits, stitch_bytes
 from app.infer.preprocess import build_inverter, checkpoint_preprocessing
 from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
-from app.utils import resolve_amp, resolve_device
+from app.utils import atomic_path, resolve_amp, resolve_device
 
-__all__ = ["InferenceOptions", "Result", "Segmenter", "infer_files"]
+__all__ = ["InferenceOptions", "OutputError", "Result", "Segmenter", "infer_files"]
 
 logger = logging.getLogger("app.infer")
 
@@ -47,6 +48,18 @@ FALLBACK_ROI = (96, 96, 96)
 
 class FileError(Exception):
     """A per-file problem; the message is one line and names no path (the caller adds it)."""
+
+
+class OutputError(OSError):
+    """The output folder or the summary cannot be written; the message is one line naming it.
+
+    Attributes:
+        results: the per-file results so far (empty when the folder failed before any work).
+    """
+
+    def __init__(self, message: str, results: list[Result] | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []
 
 
 @dataclass(frozen=True)
@@ -265,7 +278,18 @@ class Segmenter:
         out = inverter({"image": image, "pred": MetaTensor(pred)})["pred"]
         return out.as_tensor() if isinstance(out, MetaTensor) else out
 
-    def _check_header(self, path: Path) -> nib.Nifti1Image:
+    def check_header(self, path: Path) -> nib.Nifti1Image:
+        """The input's header, checked as training checks its data: readable, 3D or 3D + channels,
+        voxel data as large as the header says (a 2000³ header on a 1 KB file fails here, not in a
+        32 GB allocation), an invertible affine, the model's channel count.
+
+        Raises:
+            FileError: one line saying what is wrong.
+        """
+        try:
+            read_header_info(path)
+        except DataError as exc:
+            raise FileError(str(exc).removeprefix(f"{path}: ")) from exc
         try:
             ref = nib.load(path)
         except Exception as exc:  # nibabel raises many types for unreadable files
@@ -297,7 +321,7 @@ class Segmenter:
         Raises:
             FileError: the file cannot be segmented (one-line reason).
         """
-        ref = self._check_header(path)
+        ref = self.check_header(path)
         try:
             data = self.transform({"image": str(path)})
         except Exception as exc:
@@ -369,10 +393,18 @@ def infer_files(
         One :class:`Result` per input file (and per input argument that matched
         nothing), in input order. A bad file is a failed result, not an exception.
 
+    Every input header is checked, and the output folder is created and test-written, before
+    the first file is segmented; nothing is created when an argument is refused. Each output is
+    written atomically (a kill leaves complete outputs only); an input is skipped when every output
+    it would get exists (the label map, and with ``save_probabilities`` the probability map), unless
+    ``overwrite``. An existing summary is kept unless ``overwrite``.
+
     Raises:
         TypeError: unknown option.
         ValueError: invalid option values, or options that do not fit the checkpoint.
         app.models.CheckpointError: the checkpoint cannot be loaded.
+        OutputError: the output folder (before any work) or the summary (after it, with the
+            per-file results attached) cannot be written.
     """
     known = {f.name for f in dataclasses.fields(InferenceOptions)}
     unknown = sorted(set(options) - known)
@@ -380,16 +412,27 @@ def infer_files(
         raise TypeError(f"infer_files() got unknown options {unknown}; allowed: {sorted(known)}")
     opts = InferenceOptions(**options)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     segmenter = Segmenter(ckpt_path, opts)
-
     files, problems = collect_inputs(inputs, exclude_dir=out, exclude_suffix=opts.suffix)
+    _prepare_output_folder(out)
+
     results: list[Result] = [Result(input=p, status="failed", message=reason) for p, reason in problems]
     for p, reason in problems:
         logger.warning("%s: %s", p, reason)
+    usable = []
+    for path in files:  # every header checked before the first file is segmented
+        try:
+            segmenter.check_header(path)
+        except FileError as exc:
+            logger.warning("%s: %s", path, exc)
+            results.append(Result(input=path, status="failed", message=str(exc)))
+            continue
+        usable.append(path)
     claimed: dict[Path, Path] = {}
-    for path in tqdm(files, desc="segmenting", unit="file", disable=not opts.progress):
+    for path in tqdm(usable, desc="segmenting", unit="file", disable=not opts.progress):
         results.append(_run_one(segmenter, path, out, opts, claimed))
+    order = {p: i for i, p in enumerate([p for p, _ in problems] + files)}
+    results.sort(key=lambda r: order.get(r.input, len(order)))
 
     if opts.summary:
         meta = {
@@ -400,8 +443,42 @@ def infer_files(
             "amp": segmenter.amp,
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "nibabel": nib.__version__},
         }
-        write_summary((r.to_row() for r in results), segmenter.class_names, out, opts.summary, meta)
+        kept = [p for p in (out / f"{opts.summary}.csv", out / f"{opts.summary}.json") if p.exists()]
+        if kept and not opts.overwrite:
+            logger.warning("%s exists; kept (use --overwrite to replace the summary)", kept[0])
+        else:
+            try:
+                write_summary((r.to_row() for r in results), segmenter.class_names, out, opts.summary, meta)
+            except OSError as exc:
+                raise OutputError(f"{out}: cannot write the summary ({exc.strerror or exc})", results) from exc
     return results
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """Create the output folder and check that a file can be written there, before any work.
+
+    A folder this function created is removed again when the check fails.
+
+    Raises:
+        OutputError: one line naming the folder.
+    """
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / ".stochprop-write-check") as tmp:
+            tmp.write_bytes(b"")
+        (out / ".stochprop-write-check").unlink()
+    except OSError as exc:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise OutputError(f"{out}: output folder cannot be written ({exc.strerror or exc})") from exc
 
 
 def _run_one(
@@ -420,13 +497,15 @@ def _run_one(
         msg = "output would replace the input (empty suffix and output folder = input folder)"
         logger.warning("%s: %s", path, msg)
         return Result(input=path, status="failed", message=msg)
-    if out_path.exists() and not opts.overwrite:
+    outputs = [out_path] + ([prob_path] if prob_path is not None else [])
+    if out_path.exists() and not opts.overwrite and all(p.exists() for p in outputs):
         try:
             volumes = segmenter.volumes_of(out_path)
         except FileError as exc:
             logger.warning("%s: %s", path, exc)
             return Result(input=path, status="failed", output=None, message=str(exc))
-        msg = f"{out_path} exists; kept (use --overwrite to replace it)"
+        msg = f"{out_path} exists; kept (use --overwrite to replace it)" if prob_path is None else (
+            f"{out_path} and {prob_path.name} exist; kept (use --overwrite to replace them)")
         logger.info("%s: skipped, %s", path, msg)
         return Result(input=path, status="skipped", output=out_path, message=msg, volumes_ml=volumes)
     try:

@@ -55,7 +55,9 @@ def collect_inputs(
     """Expand files, folders and glob patterns into a sorted, de-duplicated list of NIfTI files.
 
     A folder contributes its ``*.nii``/``*.nii.gz`` files (not recursive); a glob pattern
-    (``*``, ``?``, ``[``; ``**`` recurses) contributes its NIfTI matches. Files found in a
+    (``*``, ``?``, ``[``; ``**`` recurses) contributes its NIfTI matches. Hidden files (a name
+    starting with a dot: the temporary files of an interrupted write, macOS ``._`` files) are
+    skipped in folders and glob matches, as the training data list skips them. Files found in a
     folder or by a glob inside ``exclude_dir`` whose base name ends with ``exclude_suffix``
     are taken for earlier outputs and left out.
 
@@ -91,7 +93,7 @@ def collect_inputs(
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
             if not found:
                 problems.append((path, "folder holds no .nii/.nii.gz files"))
             for p in found:
@@ -103,7 +105,10 @@ def collect_inputs(
             else:
                 problems.append((path, "not a NIfTI file (expected .nii or .nii.gz)"))
         elif _GLOB_CHARS & set(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file() and is_nifti(p))
+            found = sorted(
+                Path(p) for p in glob.glob(text, recursive=True)
+                if Path(p).is_file() and is_nifti(p) and not Path(p).name.startswith(".")
+            )
             if not found:
                 problems.append((path, "pattern matches no .nii/.nii.gz files"))
             for p in found:
