@@ -1,6 +1,7 @@
 """Stochastic-backprop layers and their probes. Imports nothing else of ``app``.
 
-Functional ops live in :mod:`app.nn.functional`; modules, :func:`convert` and :func:`exact` here.
+Functional ops live in :mod:`app.nn.functional` (with the defaults :data:`DEFAULT_SKETCH` and
+:data:`DEFAULT_N_PROBES`); modules, :func:`convert` and :func:`exact` here.
 """
 
 from . import functional
@@ -14,6 +15,10 @@ from .fidelity import (
     gradient_fidelity,
 )
 from .functional import (
+    DEFAULT_N_PROBES,
+    DEFAULT_SKETCH,
+    SKETCHES,
+    resolve_sketch,
     stochastic_conv1d,
     stochastic_conv2d,
     stochastic_conv3d,
@@ -38,9 +43,8 @@ from .lean import (
     lean_leaky_relu,
     lean_prelu,
 )
-from .memory import SavedTensorCounter
+from .memory import PeakMemory, SavedTensorCounter
 from .modules import (
-    DEFAULT_N_PROBES,
     StochasticConv1d,
     StochasticConv2d,
     StochasticConv3d,
@@ -64,8 +68,12 @@ __all__ = [
     "fidelity_figures",
     "manual_seed",
     "DEFAULT_N_PROBES",
+    "DEFAULT_SKETCH",
+    "SKETCHES",
+    "resolve_sketch",
     "PROBE_FAMILIES",
     "SavedTensorCounter",
+    "PeakMemory",
     "LeanBatchNorm1d",
     "LeanBatchNorm2d",
     "LeanBatchNorm3d",

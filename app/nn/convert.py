@@ -10,7 +10,8 @@ from typing import Optional
 import torch.nn as nn
 
 from .lean import LEAN_OF, STORAGE_DTYPES, LeanStorageMixin
-from .modules import DEFAULT_N_PROBES, STOCHASTIC_OF, StochasticConvMixin
+from .functional import DEFAULT_N_PROBES, DEFAULT_SKETCH
+from .modules import STOCHASTIC_OF, StochasticConvMixin
 
 
 def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
@@ -27,7 +28,7 @@ def convert(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     probes: str = "rademacher",
-    sketch: Optional[str] = None,
+    sketch: Optional[str] = DEFAULT_SKETCH,
     control: str = "mean",
     lean: bool = False,
     lean_storage: str = "bfloat16",
@@ -39,12 +40,13 @@ def convert(
 
     Args:
         module: any model (MONAI UNet, BasicUNet, DynUNet, SegResNet, plain torch).
-        n_probes: probes per layer; ``0`` makes the layers exact.
+        n_probes: probes per layer; ``0`` makes the layers exact. Default :data:`DEFAULT_N_PROBES`.
         min_voxels: layers whose input has fewer voxels than this use exact backprop.
         include: ``fnmatch`` patterns of qualified layer names to convert (default: all).
         exclude: patterns of names to leave alone (checked after ``include``).
-        probes, sketch, control: see ``app.nn.functional.stochastic_conv3d``; ``sketch=None``
-            (default) is ``"spectral"``; ``"offset"`` becomes ``"shifted"`` on transposed convolutions.
+        probes, sketch, control: see :func:`app.nn.functional.stochastic_conv3d`. Defaults ``"rademacher"``,
+            :data:`DEFAULT_SKETCH` (None means it too), ``"mean"``; transposed convolutions run
+            ``"shifted"`` for ``"offset"`` (:func:`app.nn.functional.resolve_sketch`).
         lean: also swap ReLU/LeakyReLU for 1-bit-mask versions, PReLU/GELU for versions keeping
             their input in ``lean_storage`` dtype, and instance/group/batch norms for versions keeping
             only the normalised tensor (``app.nn.lean``): the whole block gets lean.

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from . import probes as _probes
 from .convert import exact, stochastic_layers
+from .functional import DEFAULT_SKETCH
 from .modules import StochasticConvMixin
 from .probes import check_probe_options
 
@@ -107,7 +108,7 @@ class LayerFidelity(Agreement):
         kernel_numel: kernel offsets ``K``.
         n_probes: the layer's ``n_probes`` during the draws.
         sketched: whether the draws used the sketch (False: exact by ``n_probes=0``, ``min_voxels``, ...).
-        sketch: the layer's sketch (``"shifted"``/``"offset"``/``"spectral"``; None = the kind's default).
+        sketch: the sketch the layer runs (``"spectral"``/``"shifted"``/``"offset"``).
     """
 
     name: str = ""
@@ -118,7 +119,7 @@ class LayerFidelity(Agreement):
     kernel_numel: int = 1
     n_probes: int = 0
     sketched: bool = False
-    sketch: Optional[str] = None
+    sketch: str = DEFAULT_SKETCH
 
     @property
     def sketch_numbers(self) -> int:
@@ -412,7 +413,7 @@ class _Measurement:
             layers.append(LayerFidelity(
                 **vars(a), name=name, depth=info.depth, voxels=info.voxels, batch=info.batch,
                 in_channels=info.in_channels, kernel_numel=math.prod(layer.weight.shape[2:]),
-                n_probes=layer.n_probes, sketched=info.sketched and draws.shape[0] > 0, sketch=layer.resolved_sketch(),
+                n_probes=layer.n_probes, sketched=info.sketched and draws.shape[0] > 0, sketch=layer.sketch,
             ))
         layers.sort(key=lambda lay: lay.depth)
         conv_idx = [i for _, _, i in self.layers if self.used[i]]
@@ -600,7 +601,7 @@ def allocate_probes(
             per_layer = {}
             for name, (layer, _) in list(undecided.items()):
                 info = m.info[name]
-                sketch = layer.resolved_sketch()
+                sketch = layer.sketch
                 size = {"offset": r * math.prod(layer.weight.shape[2:]), "spectral": 2 * r * info.batch}.get(sketch, r)
                 if size >= info.batch * info.voxels:  # the sketch is no smaller than the input
                     del undecided[name]

@@ -5,20 +5,22 @@ kernel offset ``k``, ``N = B · prod(S_out)``) is the only reason a convolution 
 functions keep a random sketch of ``X`` instead and return the unbiased estimate
 ``dW_k ≈ (1/r) (Zᵀ dY)ᵀ (Zᵀ X_k)`` with probes ``Z`` regenerated from a seed (``E[Z Zᵀ] = r I``).
 
-Two sketches (``sketch=``):
+Three sketches (``sketch=``, default :data:`DEFAULT_SKETCH`):
   ``"offset"``   probes live on the output grid; the forward pass keeps ``P_k = Zᵀ X_k`` for every
                  kernel offset (``r · C_in · K`` numbers). Cheap backward (``Zᵀ dY`` only).
   ``"shifted"``  probes live on the input grid; the forward keeps ``P = Zᵀ X`` (``r · C_in``) and
                  the backward shifts the probes with the convolution's own geometry
                  (``conv_weight_grad(Z, dY)``), so zero padding, stride and dilation are exact and
                  nothing wraps around. ``K`` times less memory per probe, more backward work.
-                 Transposed convolutions use this one or ``"spectral"`` (their input is the small side).
   ``"spectral"`` the forward keeps, per sample, the input's Fourier coefficients at ``r``
                  frequencies (the ``r/2`` strongest exactly, ``r/2`` importance-sampled); a
                  shift is a phase, so they serve every kernel offset, and the backward is an
                  FFT of ``dY`` and an ``r``-term sum (:mod:`.spectral`). ``B · r · C_in`` complex
                  numbers (a transposed convolution's: of its input, on the strided grid). Where
                  ``r`` reaches the number of frequencies the layer keeps its input and is exact.
+
+A transposed convolution sketches its input, the small side: ``"spectral"`` or ``"shifted"``; it
+runs ``"shifted"`` for ``"offset"`` (:func:`resolve_sketch`, the one place this rule lives).
 
 Control variate (``control="mean"``): ``X = μ + R`` with ``μ`` the per-sample, per-channel mean of the
 input. ``dYᵀ μ_k`` is computed exactly in the backward pass (``μ`` is ``B × C_in`` numbers and the
@@ -29,6 +31,7 @@ The spectral sketch ignores ``control``: the mean is its zero frequency, always 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -41,6 +44,16 @@ from .probes import check_probe_options, iter_blocks, next_seed
 
 SKETCHES = ("offset", "shifted", "spectral")
 CONTROLS = ("mean", "none")
+
+DEFAULT_SKETCH = "spectral"
+"""Sketch of every functional, module and :func:`app.nn.convert` unless told otherwise: image-like
+activations put most of their energy in few frequencies, so at equal ``r`` its weight-gradient
+error is several times below the probe sketches' (docs/benchmarks.md)."""
+
+DEFAULT_N_PROBES = 256
+"""Probes per layer unless told otherwise: with the spectral sketch, whole-network dW cosine 0.99
+against exact (the cosine of two exact mini-batch gradients) on the default U-Net at 96³
+(docs/benchmarks.md)."""
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -83,18 +96,39 @@ def _weight_grad(
     )[1]
 
 
+def _shape_carrier(grad_out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``shape`` for an argument of which only the shape is used.
+
+    ``aten.convolution_backward`` takes the convolution's input even when it computes only the
+    input gradient (which does not depend on the input's values), and most backends (oneDNN,
+    cuDNN) make it contiguous: a stride-0 placeholder is copied into a new input-sized buffer
+    there. When ``grad_out`` holds enough elements this returns a contiguous view of its memory
+    (nothing allocated, nothing copied); otherwise the stride-0 placeholder. Its values are never read.
+    """
+    numel = math.prod(shape)
+    if grad_out.is_contiguous() and grad_out.numel() >= numel:
+        return grad_out.reshape(-1)[:numel].view(tuple(shape))
+    return grad_out.new_empty(1).expand(tuple(shape))
+
+
 def _input_grad(x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """Exact gradient with respect to the convolution's input."""
-    if geom.transposed:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[geom.dims - 1]
-        grad_x = conv(grad_out, weight, None, geom.stride, geom.padding, geom.dilation, geom.groups)
-        for dim, size in enumerate(x_shape[2:]):
-            grad_x = grad_x.narrow(2 + dim, 0, size)
-        return grad_x
-    placeholder = grad_out.new_empty(1).expand(tuple(x_shape))
+    """Exact gradient with respect to the convolution's input, from ``dY``, ``W`` and the input's shape.
+
+    ATen's own (``aten.convolution_backward`` with the output mask ``(True, False, False)``): torch
+    picks its backend from the input's shape as in the backward of ``torch.nn.functional.conv3d``
+    (or ``conv_transpose3d``), so the result is bit-identical to torch's.
+
+    Args:
+        x_shape: ``(B, C_in, *S_in)``.
+        weight: the convolution's weight.
+        grad_out: ``dY`` of shape ``(B, C_out, *S_out)``.
+
+    Returns:
+        ``(B, C_in, *S_in)``.
+    """
     return torch.ops.aten.convolution_backward(
-        grad_out, placeholder, weight, None, list(geom.stride), list(geom.padding), list(geom.dilation),
-        False, [0] * geom.dims, geom.groups, [True, False, False],
+        grad_out, _shape_carrier(grad_out, x_shape), weight, None, list(geom.stride), list(geom.padding), list(geom.dilation),
+        geom.transposed, list(geom.output_padding) or [0] * geom.dims, geom.groups, [True, False, False],
     )[0]
 
 
@@ -294,12 +328,28 @@ def _estimate_weight_grad(grad_y: torch.Tensor, sketch_p: torch.Tensor, mu: Opti
     return grad_w.reshape(c_out, cig, *kernel)
 
 
+def resolve_sketch(sketch: Optional[str], transposed: bool) -> str:
+    """The sketch a convolution runs for the option ``sketch``: the one rule for every entry point.
+
+    ``None`` is :data:`DEFAULT_SKETCH`. A transposed convolution has no ``"offset"`` sketch (that one
+    lives on the output grid, a transposed convolution's large side) and runs ``"shifted"``, the
+    input-grid sketch, for it: ``convert(model, sketch="offset")`` then works on models with
+    up-sampling layers.
+
+    Raises:
+        ValueError: ``sketch`` is not one of :data:`SKETCHES` (or None).
+    """
+    if sketch is None:
+        return DEFAULT_SKETCH
+    if sketch not in SKETCHES:
+        raise ValueError(f"sketch must be one of {list(SKETCHES)} (or None: {DEFAULT_SKETCH!r}), but got sketch={sketch!r}")
+    return "shifted" if transposed and sketch == "offset" else sketch
+
+
 def check_sketch_options(n_probes: int, probes: str, sketch: Optional[str], control: str) -> None:
-    """Raises ``ValueError`` naming the option when a sketch option is not usable
-    (``sketch=None``, the modules' per-layer default, is accepted)."""
+    """Raises ``ValueError`` naming the option when a sketch option is not usable."""
     check_probe_options(n_probes, probes)
-    if sketch is not None and sketch not in SKETCHES:
-        raise ValueError(f"sketch must be one of {list(SKETCHES)} (or None: per-layer default), but got sketch={sketch!r}")
+    resolve_sketch(sketch, transposed=False)
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {list(CONTROLS)}, but got control={control!r}")
 
@@ -361,10 +411,11 @@ def _autocast_inputs(
     return x, weight, bias
 
 
-def _apply(
-    x: torch.Tensor,
+def _stochastic_conv_nd(
+    input: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
+    *,
     dims: int,
     transposed: bool,
     stride: IntOrTuple,
@@ -378,21 +429,19 @@ def _apply(
     control: str,
     seed: Optional[int],
 ) -> torch.Tensor:
+    """The n-dimensional core of every functional and module: validates, normalises the arguments
+    once, and runs the stochastic convolution (or the ordinary one where no sketch is kept)."""
     name = f"stochastic_conv{'_transpose' if transposed else ''}{dims}d"
-    if x.dim() != dims + 2:
-        raise ValueError(f"{name} expects input of shape (B, C, {', '.join('DHW'[3 - dims:])}), but got shape {tuple(x.shape)}")
-    if sketch is None:
-        sketch = "shifted"
+    if input.dim() != dims + 2:
+        raise ValueError(f"{name} expects input of shape (B, C, {', '.join('DHW'[3 - dims:])}), but got shape {tuple(input.shape)}")
     check_sketch_options(n_probes, probes, sketch, control)
-    if transposed and sketch == "offset":
-        raise ValueError(f"{name}: sketch='offset' is not available for transposed convolutions (their input is the "
-                         "small side, so an input-grid sketch is smaller); use sketch='shifted' or 'spectral'")
+    sketch = resolve_sketch(sketch, transposed)
     stride_t = _ntuple(stride, dims, "stride")
     dilation_t = _ntuple(dilation, dims, "dilation")
     kernel = tuple(weight.shape[2:])
     if transposed and isinstance(padding, str):
         raise ValueError(f"{name}: padding must be an int or a tuple of ints, but got padding={padding!r}")
-    x, padding_t = _resolve_padding(x, padding, kernel, stride_t, dilation_t)
+    x, padding_t = _resolve_padding(input, padding, kernel, stride_t, dilation_t)
     c_in = x.shape[1]
     expected = weight.shape[0] if transposed else weight.shape[1] * groups
     if c_in != expected:
@@ -409,100 +458,293 @@ def _apply(
     return _StochasticConv.apply(x, weight, bias, geom, n_probes, probes, sketch, control, next_seed() if seed is None else int(seed))
 
 
-def _make_conv(dims: int):
-    def conv(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        stride: IntOrTuple = 1,
-        padding: Union[str, IntOrTuple] = 0,
-        dilation: IntOrTuple = 1,
-        groups: int = 1,
-        *,
-        n_probes: int = 16,
-        probes: str = "rademacher",
-        sketch: str = "shifted",
-        control: str = "mean",
-        seed: Optional[int] = None,
-    ) -> torch.Tensor:
-        return _apply(x, weight, bias, dims, False, stride, padding, 0, dilation, groups, n_probes, probes, sketch, control, seed)
-
-    spatial = ", ".join("DHW"[3 - dims:])
-    conv.__name__ = conv.__qualname__ = f"stochastic_conv{dims}d"
-    conv.__doc__ = f"""{dims}D convolution with an exact forward pass and input gradient and an unbiased,
-    sketched weight gradient. Same arguments as ``torch.nn.functional.conv{dims}d``.
+def stochastic_conv1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: Union[str, IntOrTuple] = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """1D convolution (``torch.nn.functional.conv1d``) with an exact forward pass and input gradient
+    and an unbiased, sketched weight gradient.
 
     Args:
-        x: input of shape ``(B, C_in, {spatial})``.
-        weight: ``(C_out, C_in / groups, *K)``.
-        bias: optional ``(C_out,)``.
-        stride, padding, dilation, groups: as in torch (``padding`` may be ``"same"``/``"valid"``).
-        n_probes: probes ``r`` of the trace estimator; ``0`` means exact backprop.
-        probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (Hadamard blocks, ``r`` a power of 2).
-        sketch: ``"shifted"`` (default: keeps ``r·C_in`` numbers), ``"offset"`` (keeps ``r·C_in·K``;
-            lower error for strided convolutions) or ``"spectral"`` (keeps ``B·r·C_in`` complex
-            Fourier coefficients, ``r`` in the hundreds; far lower error, docs/benchmarks.md).
-        control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``.
-        seed: probe seed; ``None`` draws one from ``app.nn.manual_seed``'s stream (never torch's global RNG).
+        input: ``(B, C_in, L_in)``.
+        weight: ``(C_out, C_in / groups, kL)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 1-tuple. Default 1.
+        padding: int, 1-tuple, ``"valid"`` or ``"same"`` (zero padding). Default 0.
+        dilation: int or 1-tuple. Default 1.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        n_probes: probes ``r`` of the trace estimator; 0 is exact backprop. Default :data:`DEFAULT_N_PROBES`.
+        probes: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` (``r`` a power of 2). Default ``"rademacher"``.
+        sketch: ``"spectral"``, ``"shifted"`` or ``"offset"`` (module docstring); None means
+            :data:`DEFAULT_SKETCH`. Default :data:`DEFAULT_SKETCH`.
+        control: ``"mean"`` (exact per-channel-mean control variate) or ``"none"``. Default ``"mean"``.
+        seed: probe seed; None draws one from :func:`app.nn.manual_seed`'s stream. Default None.
 
-    Returns:
-        ``(B, C_out, {spatial})`` output, ``out = floor((in + 2p − d(k−1) − 1) / s) + 1`` per dimension.
+    Shape:
+        - output: ``(B, C_out, L_out)``, ``L_out = floor((L_in + 2·padding − dilation·(kL − 1) − 1) / stride) + 1``.
 
     Example:
-        >>> y = stochastic_conv{dims}d(x, w, padding=1, n_probes=16)
-        >>> y.sum().backward()  # w.grad is an unbiased estimate, x.grad is exact
+        >>> x = torch.randn(2, 4, 50, requires_grad=True)
+        >>> w = torch.randn(8, 4, 3, requires_grad=True)
+        >>> stochastic_conv1d(x, w, padding=1, n_probes=16).sum().backward()  # x.grad exact, w.grad estimated
     """
-    return conv
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=1, transposed=False, stride=stride, padding=padding, output_padding=0, dilation=dilation,
+        groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
 
 
-def _make_conv_transpose(dims: int):
-    def conv_transpose(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        stride: IntOrTuple = 1,
-        padding: IntOrTuple = 0,
-        output_padding: IntOrTuple = 0,
-        groups: int = 1,
-        dilation: IntOrTuple = 1,
-        *,
-        n_probes: int = 16,
-        probes: str = "rademacher",
-        sketch: str = "shifted",
-        control: str = "mean",
-        seed: Optional[int] = None,
-    ) -> torch.Tensor:
-        return _apply(x, weight, bias, dims, True, stride, padding, output_padding, dilation, groups, n_probes, probes, sketch, control, seed)
-
-    spatial = ", ".join("DHW"[3 - dims:])
-    conv_transpose.__name__ = conv_transpose.__qualname__ = f"stochastic_conv_transpose{dims}d"
-    conv_transpose.__doc__ = f"""{dims}D transposed convolution with a sketched weight gradient.
-    Same arguments (and order) as ``torch.nn.functional.conv_transpose{dims}d``, plus the sketch
-    options of ``stochastic_conv{dims}d``; the sketch is taken of the (small) input: ``"shifted"``
-    (``r · C_in`` numbers) or ``"spectral"`` (``B · r · C_in`` complex coefficients on the strided
-    grid, each meeting ``dY`` at all its aliases); ``"offset"`` is not available.
+def stochastic_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: Union[str, IntOrTuple] = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """2D convolution (``torch.nn.functional.conv2d``) with an exact forward pass and input gradient
+    and an unbiased, sketched weight gradient.
 
     Args:
-        x: input of shape ``(B, C_in, {spatial})``.
-        weight: ``(C_in, C_out / groups, *K)``.
+        input: ``(B, C_in, H_in, W_in)``.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 2-tuple. Default 1.
+        padding: int, 2-tuple, ``"valid"`` or ``"same"`` (zero padding). Default 0.
+        dilation: int or 2-tuple. Default 1.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        n_probes, probes, sketch, control, seed: as in :func:`stochastic_conv1d`. Defaults
+            :data:`DEFAULT_N_PROBES`, ``"rademacher"``, :data:`DEFAULT_SKETCH`, ``"mean"``, None.
 
-    Returns:
-        ``(B, C_out, {spatial})``, ``out = (in − 1)·s − 2p + d(k − 1) + output_padding + 1`` per dimension.
+    Shape:
+        - output: ``(B, C_out, H_out, W_out)``, per dimension
+          ``out = floor((in + 2·padding − dilation·(k − 1) − 1) / stride) + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 4, 32, 33, requires_grad=True)
+        >>> w = torch.randn(8, 4, 3, 3, requires_grad=True)
+        >>> stochastic_conv2d(x, w, padding=1, n_probes=16).sum().backward()  # x.grad exact, w.grad estimated
     """
-    return conv_transpose
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=2, transposed=False, stride=stride, padding=padding, output_padding=0, dilation=dilation,
+        groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
 
 
-stochastic_conv1d = _make_conv(1)
-stochastic_conv2d = _make_conv(2)
-stochastic_conv3d = _make_conv(3)
-stochastic_conv_transpose1d = _make_conv_transpose(1)
-stochastic_conv_transpose2d = _make_conv_transpose(2)
-stochastic_conv_transpose3d = _make_conv_transpose(3)
+def stochastic_conv3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: Union[str, IntOrTuple] = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """3D convolution (``torch.nn.functional.conv3d``) with an exact forward pass and input gradient
+    and an unbiased, sketched weight gradient.
+
+    Args:
+        input: ``(B, C_in, D_in, H_in, W_in)``.
+        weight: ``(C_out, C_in / groups, kD, kH, kW)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 3-tuple. Default 1.
+        padding: int, 3-tuple, ``"valid"`` or ``"same"`` (zero padding). Default 0.
+        dilation: int or 3-tuple. Default 1.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        n_probes, probes, sketch, control, seed: as in :func:`stochastic_conv1d`. Defaults
+            :data:`DEFAULT_N_PROBES`, ``"rademacher"``, :data:`DEFAULT_SKETCH`, ``"mean"``, None.
+
+    Shape:
+        - output: ``(B, C_out, D_out, H_out, W_out)``, per dimension
+          ``out = floor((in + 2·padding − dilation·(k − 1) − 1) / stride) + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 4, 16, 17, 18, requires_grad=True)
+        >>> w = torch.randn(8, 4, 3, 3, 3, requires_grad=True)
+        >>> stochastic_conv3d(x, w, padding=1, n_probes=16).sum().backward()  # x.grad exact, w.grad estimated
+    """
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=3, transposed=False, stride=stride, padding=padding, output_padding=0, dilation=dilation,
+        groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
+
+
+def stochastic_conv_transpose1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """1D transposed convolution (``torch.nn.functional.conv_transpose1d``, same arguments in the same
+    order) with an exact forward pass and input gradient and an unbiased, sketched weight gradient.
+
+    The sketch is taken of the input, the small side: ``"spectral"`` (its Fourier coefficients on the
+    strided grid) or ``"shifted"``; ``"offset"`` runs ``"shifted"`` (:func:`resolve_sketch`).
+
+    Args:
+        input: ``(B, C_in, L_in)``.
+        weight: ``(C_in, C_out / groups, kL)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 1-tuple. Default 1.
+        padding: int or 1-tuple, removed from both ends of the output. Default 0.
+        output_padding: int or 1-tuple added to the end of the output. Default 0.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        dilation: int or 1-tuple. Default 1.
+        n_probes, probes, sketch, control, seed: as in :func:`stochastic_conv1d`. Defaults
+            :data:`DEFAULT_N_PROBES`, ``"rademacher"``, :data:`DEFAULT_SKETCH`, ``"mean"``, None.
+
+    Shape:
+        - output: ``(B, C_out, L_out)``,
+          ``L_out = (L_in − 1)·stride − 2·padding + dilation·(kL − 1) + output_padding + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 8, 25, requires_grad=True)
+        >>> w = torch.randn(8, 4, 2, requires_grad=True)
+        >>> stochastic_conv_transpose1d(x, w, stride=2, n_probes=16).shape
+        torch.Size([2, 4, 50])
+    """
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=1, transposed=True, stride=stride, padding=padding, output_padding=output_padding,
+        dilation=dilation, groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
+
+
+def stochastic_conv_transpose2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """2D transposed convolution (``torch.nn.functional.conv_transpose2d``, same arguments in the same
+    order) with an exact forward pass and input gradient and an unbiased, sketched weight gradient.
+
+    Args:
+        input: ``(B, C_in, H_in, W_in)``.
+        weight: ``(C_in, C_out / groups, kH, kW)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 2-tuple. Default 1.
+        padding: int or 2-tuple, removed from both ends of each output dimension. Default 0.
+        output_padding: int or 2-tuple added to the end of each output dimension. Default 0.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        dilation: int or 2-tuple. Default 1.
+        n_probes, probes, sketch, control, seed: as in :func:`stochastic_conv_transpose1d`. Defaults
+            :data:`DEFAULT_N_PROBES`, ``"rademacher"``, :data:`DEFAULT_SKETCH`, ``"mean"``, None.
+
+    Shape:
+        - output: ``(B, C_out, H_out, W_out)``, per dimension
+          ``out = (in − 1)·stride − 2·padding + dilation·(k − 1) + output_padding + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 8, 16, 17, requires_grad=True)
+        >>> w = torch.randn(8, 4, 2, 2, requires_grad=True)
+        >>> stochastic_conv_transpose2d(x, w, stride=2, n_probes=16).shape
+        torch.Size([2, 4, 32, 34])
+    """
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=2, transposed=True, stride=stride, padding=padding, output_padding=output_padding,
+        dilation=dilation, groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
+
+
+def stochastic_conv_transpose3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    *,
+    n_probes: int = DEFAULT_N_PROBES,
+    probes: str = "rademacher",
+    sketch: Optional[str] = DEFAULT_SKETCH,
+    control: str = "mean",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """3D transposed convolution (``torch.nn.functional.conv_transpose3d``, same arguments in the same
+    order) with an exact forward pass and input gradient and an unbiased, sketched weight gradient.
+
+    Args:
+        input: ``(B, C_in, D_in, H_in, W_in)``.
+        weight: ``(C_in, C_out / groups, kD, kH, kW)``.
+        bias: ``(C_out,)`` or None. Default None.
+        stride: int or 3-tuple. Default 1.
+        padding: int or 3-tuple, removed from both ends of each output dimension. Default 0.
+        output_padding: int or 3-tuple added to the end of each output dimension. Default 0.
+        groups: input and output channels are split into ``groups`` blocks. Default 1.
+        dilation: int or 3-tuple. Default 1.
+        n_probes, probes, sketch, control, seed: as in :func:`stochastic_conv_transpose1d`. Defaults
+            :data:`DEFAULT_N_PROBES`, ``"rademacher"``, :data:`DEFAULT_SKETCH`, ``"mean"``, None.
+
+    Shape:
+        - output: ``(B, C_out, D_out, H_out, W_out)``, per dimension
+          ``out = (in − 1)·stride − 2·padding + dilation·(k − 1) + output_padding + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 8, 8, 9, 10, requires_grad=True)
+        >>> w = torch.randn(8, 4, 2, 2, 2, requires_grad=True)
+        >>> stochastic_conv_transpose3d(x, w, stride=2, n_probes=16).shape
+        torch.Size([2, 4, 16, 18, 20])
+    """
+    return _stochastic_conv_nd(
+        input, weight, bias, dims=3, transposed=True, stride=stride, padding=padding, output_padding=output_padding,
+        dilation=dilation, groups=groups, n_probes=n_probes, probes=probes, sketch=sketch, control=control, seed=seed,
+    )
+
 
 __all__ = [
-    "ConvGeometry",
+    "DEFAULT_SKETCH",
+    "DEFAULT_N_PROBES",
     "SKETCHES",
     "CONTROLS",
+    "ConvGeometry",
+    "resolve_sketch",
+    "check_sketch_options",
     "stochastic_conv1d",
     "stochastic_conv2d",
     "stochastic_conv3d",

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +95,41 @@ def _channel_view(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.reshape(()) if weight.numel() == 1 else weight.view((1, -1) + (1,) * max(dim - 2, 0))
 
 
+class NormOutputCopies:
+    """Hands the copy of ``x̂`` an affine-free lean norm keeps to the lean PReLU that reads its output.
+
+    Without affine parameters a lean norm returns ``x̂`` itself and keeps a copy of it (in its
+    ``storage`` dtype) for its own backward pass. A lean PReLU keeps its input, so when that input
+    is the norm's output (MONAI's ADN blocks: norm, ``Dropout(0)``, PReLU) it can keep the norm's
+    copy instead of making a second full-size one (``x > 0`` is then read as ``kept > 0``).
+
+    The norm calls :meth:`offer` with its output and the kept copy; the PReLU calls :meth:`claim`
+    with its input. A copy is handed over only when the input is that very output tensor, not
+    modified in place since (same ``_version``), and the copy has the dtype the PReLU would keep.
+    Entries are keyed by the output tensor's identity and live as long as it does; an entry holds
+    the kept copy, which the norm's graph holds anyway.
+    """
+
+    def __init__(self) -> None:
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def offer(self, out: torch.Tensor, kept: torch.Tensor) -> None:
+        """Registers ``kept`` (the norm's saved ``x̂``) as a copy of ``out`` at its current version."""
+        self._entries[out] = (kept, out._version)
+
+    def claim(self, x: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The kept copy of ``x`` in ``dtype``, or None when there is none (or it is stale)."""
+        entry = self._entries.get(x)
+        if entry is None:
+            return None
+        kept, version = entry
+        return kept if version == x._version and kept.dtype == dtype else None
+
+
+NORM_OUTPUT_COPIES = NormOutputCopies()
+"""The handoff between :class:`_LeanNorm` (``offer``) and :class:`_LeanPReLU` (``claim``)."""
+
+
 class _LeanPReLU(torch.autograd.Function):
     """``y = x`` where ``x > 0`` else ``a · x``, keeping ``−x`` in ``storage`` dtype.
 
@@ -106,15 +142,14 @@ class _LeanPReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
         y = F.prelu(x, weight)
-        shared, version = getattr(x, "_lean_copy", (None, None))
-        ctx.negated = not (shared is not None and version == x._version and shared.dtype == _kept_dtype(x.dtype, storage))
+        dtype = _kept_dtype(x.dtype, storage)
+        # x may be an affine-free lean norm's untouched output: then keep the x̂ copy that norm
+        # keeps (no second full-size tensor), read as x > 0 <=> kept > 0.
+        kept = NORM_OUTPUT_COPIES.claim(x, dtype)
+        ctx.negated = kept is None
         if ctx.negated:
-            kept = torch.empty(x.shape, dtype=_kept_dtype(x.dtype, storage), device=x.device)
+            kept = torch.empty(x.shape, dtype=dtype, device=x.device)
             torch.sub(x.new_zeros(()), x, out=kept)  # one kernel on CUDA; the cast happens on store
-        else:
-            # x is an affine-free lean norm's untouched output: keep the x̂ copy that norm keeps
-            # (no second full-size tensor). x > 0 is then read as kept > 0.
-            kept = shared
         ctx.save_for_backward(kept, weight)
         return y
 
@@ -233,7 +268,7 @@ class _LeanNorm(torch.autograd.Function):
         ctx.save_for_backward(kept, invstd, weight)
         out = y.to(x.dtype)
         if weight is None and bias is None:  # out is x̂: a lean PReLU right after may keep this same copy
-            out._lean_copy = (kept, out._version)
+            NORM_OUTPUT_COPIES.offer(out, kept)
         return out
 
     @staticmethod
@@ -295,6 +330,8 @@ class LeanStorageMixin:
 
 
 class LeanInstanceNormNd(LeanStorageMixin):
+    """Forward of the lean instance norms (without running statistics; torch's layer otherwise)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or not self._lean_active(input) or input.dim() != self._get_no_batch_dim() + 1:
             return super().forward(input)
@@ -302,6 +339,8 @@ class LeanInstanceNormNd(LeanStorageMixin):
 
 
 class LeanGroupNorm(LeanStorageMixin, nn.GroupNorm):
+    """``torch.nn.GroupNorm`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._lean_active(input):
             return super().forward(input)
@@ -309,6 +348,8 @@ class LeanGroupNorm(LeanStorageMixin, nn.GroupNorm):
 
 
 class LeanBatchNormNd(LeanStorageMixin):
+    """Forward of the lean batch norms (training with running statistics; torch's layer otherwise)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self._lean_active(input) and self.track_running_stats and self.momentum is not None):
             return super().forward(input)
@@ -367,16 +408,29 @@ class LeanGELU(LeanStorageMixin, nn.GELU):
         return lean_gelu(input, self.approximate, self.storage)
 
 
-def _subclass(base: type, mixin: type) -> type:
-    return type(f"Lean{base.__name__}", (mixin, base), {"__module__": __name__, "__doc__": f"``torch.nn.{base.__name__}`` keeping only x̂ (in ``storage`` dtype) for backward."})
+class LeanInstanceNorm1d(LeanInstanceNormNd, nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
 
 
-LeanInstanceNorm1d = _subclass(nn.InstanceNorm1d, LeanInstanceNormNd)
-LeanInstanceNorm2d = _subclass(nn.InstanceNorm2d, LeanInstanceNormNd)
-LeanInstanceNorm3d = _subclass(nn.InstanceNorm3d, LeanInstanceNormNd)
-LeanBatchNorm1d = _subclass(nn.BatchNorm1d, LeanBatchNormNd)
-LeanBatchNorm2d = _subclass(nn.BatchNorm2d, LeanBatchNormNd)
-LeanBatchNorm3d = _subclass(nn.BatchNorm3d, LeanBatchNormNd)
+class LeanInstanceNorm2d(LeanInstanceNormNd, nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
+
+class LeanInstanceNorm3d(LeanInstanceNormNd, nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
+
+class LeanBatchNorm1d(LeanBatchNormNd, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
+
+class LeanBatchNorm2d(LeanBatchNormNd, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
+
+class LeanBatchNorm3d(LeanBatchNormNd, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
+
 
 LEAN_OF: dict[type, type] = {
     nn.ReLU: LeanReLU,
