@@ -45,6 +45,7 @@ from app.measure import (
     measure_step,
     parse_variant,
 )
+from app.bench.networks import BENCH_MODELS
 from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
@@ -53,13 +54,6 @@ from app.utils import atomic_path, resolve_device
 
 __all__ = ["BENCH_MODELS", "DEFAULT_SIZES", "DEFAULT_VARIANTS", "main", "run", "write_plot"]
 
-# The two networks compared: MONAI's UNet in the 32-320-channel style of nnU-Net, and the
-# project's default network (app.models defaults: a DynUNet planned for each patch size).
-BENCH_MODELS: dict[str, dict[str, Any]] = {
-    "unet": {"name": "unet", "in_channels": 1, "out_channels": 3, "channels": [32, 64, 128, 256, 320],
-             "strides": [2, 2, 2, 2], "num_res_units": 2},
-    "dynunet": {"name": "dynunet", "in_channels": 1, "out_channels": 3, "spacing": [1.0, 1.0, 1.0]},
-}
 DEFAULT_SIZES = [96, 128, 192, 256, 384]
 DEFAULT_VARIANTS = [
     "exact", "amp", "ckpt", "amp+ckpt", "stochastic", "stochastic+amp", "stochastic+ckpt",

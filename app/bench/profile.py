@@ -38,8 +38,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import app.nn
 from app.measure import environment, markdown_table, synchronize
-from app.models import build_model, resolve_model_config
-from app.utils import amp_dtype, atomic_path, parse_key_values, resolve_device
+from app.bench.networks import add_model_arguments, bench_model_config
+from app.models import build_model
+from app.utils import amp_dtype, atomic_path, resolve_device
 
 __all__ = ["LayerProfile", "PassProfile", "layer_kind", "main", "profile_calls", "profile_layer", "profile_layers"]
 
@@ -196,9 +197,7 @@ def _header(cuda: bool, sides: Sequence[str]) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.bench profile", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("Examples::")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dynunet", choices=["dynunet", "unet"], help="network. Default dynunet")
-    p.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="extra model config keys, e.g. base_features=16 max_features=128")
+    add_model_arguments(p)
     p.add_argument("--edge", type=int, default=64, help="cube edge of the input. Default 64")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--n-probes", type=int, default=app.nn.DEFAULT_N_PROBES,
@@ -218,17 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device, option="--device")
         dtype = amp_dtype(args.amp, "--amp")
-        model_args = parse_key_values(args.model_arg)
+        cfg = bench_model_config(args.model, args.model_arg, [args.edge] * 3)
     except ValueError as err:
         parser.error(str(err))
     cuda = device.type == "cuda"
-    cfg: dict[str, Any] = {"name": args.model, "in_channels": 1, "out_channels": 3, "patch_size": [args.edge] * 3,
-                           "spacing": [1.0, 1.0, 1.0]}
-    if args.model == "unet":
-        cfg.update(channels=[32, 64, 128, 256, 320], strides=[2, 2, 2, 2], num_res_units=2)
-    cfg.update(model_args)
     torch.manual_seed(0)
-    model = build_model(resolve_model_config(cfg)).to(device)
+    model = build_model(cfg).to(device)
     x = torch.randn(args.batch_size, 1, args.edge, args.edge, args.edge, device=device)
     options = {"n_probes": args.n_probes, "lean": not args.no_lean}
     rows = profile_layers(model, x, options, dtype, args.repeat)

@@ -28,8 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import app.nn
-from app.measure import GIB, MIB, TrainingStep, environment, markdown_table, model_config_for_patch, parse_variant
-from app.utils import atomic_path, parse_key_values, resolve_device
+from app.bench.networks import add_model_arguments, bench_model_config
+from app.measure import GIB, MIB, TrainingStep, environment, markdown_table, parse_variant
+from app.utils import atomic_path, resolve_device
 
 __all__ = ["CATEGORIES", "StepTrace", "main", "report", "trace_step", "write_plot"]
 
@@ -181,9 +182,7 @@ def report(traces: dict[str, StepTrace], header: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.bench trace", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("Examples::")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dynunet", choices=["dynunet", "unet"], help="network. Default dynunet")
-    p.add_argument("--model-arg", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="extra model config keys, e.g. base_features=16 max_features=128")
+    add_model_arguments(p)
     p.add_argument("--edge", type=int, default=128, help="cube edge of the input. Default 128")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=["exact", "amp", "stochastic+lean+amp"],
@@ -201,15 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device, option="--device")
         variants = [parse_variant(v) for v in args.variants]
-        model_args = parse_key_values(args.model_arg)
+        patch = (args.edge,) * 3
+        resolved = bench_model_config(args.model, args.model_arg, patch)
     except ValueError as err:
         parser.error(str(err))
-    cfg: dict[str, Any] = {"name": args.model, "in_channels": 1, "out_channels": 3, "spacing": [1.0, 1.0, 1.0]}
-    if args.model == "unet":
-        cfg.update(channels=[32, 64, 128, 256, 320], strides=[2, 2, 2, 2], num_res_units=2)
-    cfg.update(model_args)
-    patch = (args.edge,) * 3
-    resolved = model_config_for_patch(cfg, patch)
     traces: dict[str, StepTrace] = {}
     for variant in variants:
         step = TrainingStep(resolved, variant, patch, args.batch_size, args.n_probes, {}, device)
