@@ -11,20 +11,27 @@ For a regular convolution the weight gradient is a cross-correlation,
 ``Û_b[o, f] = DFT_{M/s}(dY_b)[f mod M/s]`` is the spectrum of ``dY`` spread onto the strided input
 grid). A shift is a phase, so one coefficient of ``X`` serves every kernel offset.
 
-The forward pass keeps, per sample, ``X̂`` at ``r`` frequencies only: the ``r/2`` with the largest
-channel energy ``m_f·‖X̂_b[:, f]‖`` (estimated from a few random ±1 channel mixes) exactly (this includes the mean, ``f = 0``: a built-in,
-exactly computed control variate), and ``r/2`` drawn with replacement from the other
-frequencies with probability ``π_f ∝ m_f·‖X̂_b[:, f]‖``, weighted ``1 / (r/2 · π_f)``. The
-estimate is unbiased for any ``π``; importance sampling makes it accurate because activations of
-image networks put most of their energy in few (mostly low) frequencies. The kept state is
-``B · r · C_in`` complex numbers plus ``2 · B · r`` indices and weights, whatever the volume,
-and the backward pass costs an FFT of ``dY`` and an ``r``-term sum instead of a convolution.
+The forward pass keeps, per sample, ``X̂`` at ``r`` frequencies only: ``r − r_s`` with the largest
+channel energy ``s_f = m_f·‖X̂_b[:, f]‖``, exactly (this includes the mean, ``f = 0``: a built-in,
+exactly computed control variate), and ``r_s = max(1, ⌊r/2⌋)`` drawn with replacement from the
+``R`` other frequencies with probability ``π_f = (1 − ε) s_f / Σ s + ε / R`` and weighted
+``m_f / (r_s · π_f)`` (``ε`` = :data:`UNIFORM_SHARE`). The estimate is unbiased because every
+frequency outside the kept set has ``π_f > 0``, whatever the energy says: above :data:`N_MIXES`
+channels ``s_f`` is estimated from random ±1 channel mixes, which cancel when channels are equal or
+opposite. Importance sampling makes it accurate because activations of image networks put most of
+their energy in few (mostly low) frequencies. The kept state is ``B · r · C_in`` complex numbers
+plus ``2 · B · r`` indices and weights, whatever the volume, and the backward pass costs an FFT of
+``dY`` and an ``r``-term sum instead of a convolution.
+
+Transient memory: FFTs run over blocks of channels whose fp32 copy, zero-padded copy and
+half-spectrum hold at most ``budget`` real numbers together (:func:`_blocks`), one block alive at a
+time; choosing the frequencies adds a few ``(B, F)`` vectors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional, Protocol
 
 import torch
@@ -40,18 +47,23 @@ class Geometry(Protocol):
     groups: int
 
 
+def _is_smooth(n: int) -> bool:
+    """Whether ``n >= 1`` has no prime factor above 7."""
+    for p in (2, 3, 5, 7):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
 def _smooth(n: int, multiple: int) -> int:
-    """Smallest ``m >= n`` that is a multiple of ``multiple`` with no prime factor above 7 (fast FFTs)."""
-    m = max(n, 1)
-    m += (-m) % multiple
-    while True:
-        rest = m
-        for p in (2, 3, 5, 7):
-            while rest % p == 0:
-                rest //= p
-        if rest == 1:
-            return m
-        m += multiple
+    """Smallest ``m = multiple · j >= n`` with ``j`` free of prime factors above 7: a multiple of
+    the stride with a fast FFT. ``m``'s only larger prime factors are the stride's own (11, 13, …),
+    whose FFTs torch computes exactly, if more slowly. Bounded: with ``q = ⌈n / multiple⌉``, a power
+    of two lies in ``[q, 2q)``, so at most ``q`` candidates are tried."""
+    j = max(1, -(-n // multiple))
+    while not _is_smooth(j):
+        j += 1
+    return multiple * j
 
 
 def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: Geometry) -> tuple[int, ...]:
@@ -86,49 +98,76 @@ def _unravel(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.stack(coords[::-1], dim=-1)
 
 
-def _spectra(x: torch.Tensor, sizes: Sequence[int], chunk: int):
-    """Yields ``(c0, X̂)`` with ``X̂ = rfftn(x[:, c0:c0+chunk])`` flattened to ``(B, chunk, F)``."""
-    dims = tuple(range(2, x.dim()))
-    for c0 in range(0, x.shape[1], chunk):
-        yield c0, torch.fft.rfftn(x[:, c0:c0 + chunk].float(), s=tuple(sizes), dim=dims).flatten(2)
-
-
-def _channel_chunk(batch: int, channels: int, freqs: int, budget: int) -> int:
-    """Channels per FFT so a complex spectrum block holds at most ``budget`` real numbers."""
-    return max(1, min(channels, budget // max(1, 2 * batch * freqs)))
-
-
-MIN_BLOCK = 1 << 24
-"""Smallest spectrum block, in real numbers (64 MiB): small layers transform all channels at once."""
+MIN_BLOCK = 1 << 18
+"""Smallest FFT block, in real numbers (1 MiB in fp32): spares tiny layers one FFT call per
+channel; a transient this small never sets a network's peak."""
 
 N_MIXES = 4
 """Random ±1 channel mixes whose spectra estimate the channel energy that picks the frequencies."""
 
+UNIFORM_SHARE = 1 / 16
+"""``ε``: the share of the sampling distribution spread evenly over the frequencies outside the
+kept set (defensive importance sampling). It keeps ``π_f ≥ ε / R`` where the energy estimate is 0
+or too small, and costs at most a factor ``1 / (1 − ε)`` in variance against ``π_f ∝ s_f``."""
+
+
+def _channel_cost(t: torch.Tensor, grid: Sequence[int]) -> int:
+    """Real numbers one channel of ``t`` ``(B, C, *S)`` holds while its FFT on ``grid`` runs: an
+    fp32 copy (``B·|S|``, an upper bound), the zero-padded copy (``B·|M|``), the half-spectrum (``2·B·F``)."""
+    return t.shape[0] * (math.prod(t.shape[2:]) + math.prod(grid) + 2 * n_frequencies(grid))
+
+
+def _blocks(channels: int, per_channel: int, budget: int) -> Iterator[tuple[int, int]]:
+    """``(c0, c1)`` channel blocks of at most ``max(budget, MIN_BLOCK)`` real numbers (at least one channel)."""
+    width = max(1, min(channels, max(budget, MIN_BLOCK) // max(1, per_channel)))
+    for c0 in range(0, channels, width):
+        yield c0, min(channels, c0 + width)
+
+
+def _rfft(t: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``rfftn(t, grid)`` over the spatial dimensions, in fp32, flattened to ``(B, C, F)``."""
+    return torch.fft.rfftn(t.float(), s=tuple(grid), dim=tuple(range(2, t.dim()))).flatten(2)
+
 
 def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: int) -> torch.Tensor:
     """``rfftn(t, grid)`` at the flat half-spectrum indices ``flat`` ``(B, n)``, transformed in
-    channel blocks of at most ``budget`` real numbers (at least :data:`MIN_BLOCK`). Shape ``(B, C, n)``."""
+    channel blocks (:func:`_blocks`). Shape ``(B, C, n)`` complex64."""
     batch, channels = t.shape[:2]
     out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
-    at = flat[:, None, :]
-    for c0, spec in _spectra(t, grid, _channel_chunk(batch, channels, n_frequencies(grid), max(budget, MIN_BLOCK))):
-        out[:, c0:c0 + spec.shape[1]] = spec.gather(2, at.expand(batch, spec.shape[1], -1))
+    for c0, c1 in _blocks(channels, _channel_cost(t, grid), budget):
+        spec = _rfft(t[:, c0:c1], grid)
+        out[:, c0:c1] = spec.gather(2, flat[:, None, :].expand(batch, c1 - c0, -1))
+        del spec  # freed before the next block's FFT
     return out
 
 
-def _channel_energy(x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``Σ_c |X̂_b[c, f]|²`` per sample ``(B, F)``, fp32: exact for up to :data:`N_MIXES` channels
-    (then ``X̂`` itself ``(B, C, F)`` comes back too, for reuse), otherwise estimated without bias from
-    ``N_MIXES`` random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``, and ``None``), so
-    the forward pass transforms every channel only once."""
-    channels = x.shape[1]
+def _channel_energy(
+    x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator, budget: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``Σ_c |X̂_b[c, f]|²`` per sample ``(B, F)``, fp32, from FFTs in blocks (:func:`_blocks`).
+
+    Exact for up to :data:`N_MIXES` channels, otherwise estimated without bias from ``N_MIXES``
+    random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``), so the forward pass
+    transforms every channel only once more. The second value is ``X̂`` itself ``(B, C, F)``, for
+    reuse, when the energy is exact and every channel fit one block, else ``None``.
+    """
+    batch, channels = x.shape[:2]
     mixed = channels > N_MIXES
+    signs = None
     if mixed:
         signs = torch.randint(0, 2, (N_MIXES, channels), generator=generator, device=x.device).to(x.dtype) * 2 - 1
-        x = torch.einsum("mc,bc...->bm...", signs, x)
-    (_, spec), = _spectra(x, sizes, x.shape[1])
-    energy = spec.real.square().sum(1) + spec.imag.square().sum(1)
-    return (energy / N_MIXES, None) if mixed else (energy, spec)
+    rows = N_MIXES if mixed else channels
+    blocks = list(_blocks(rows, _channel_cost(x, sizes), budget))
+    energy = torch.zeros((batch, n_frequencies(sizes)), device=x.device, dtype=torch.float32)
+    for m0, m1 in blocks:
+        part = torch.einsum("mc,bc...->bm...", signs[m0:m1], x) if signs is not None else x[:, m0:m1]
+        spec = _rfft(part, sizes)
+        del part
+        energy += torch.linalg.vector_norm(spec, dim=1).square_()
+        if signs is None and len(blocks) == 1:
+            return energy, spec
+        del spec  # freed before the next block's FFT
+    return (energy / N_MIXES if mixed else energy), None
 
 
 def sketch(
@@ -139,33 +178,44 @@ def sketch(
     Args:
         x: ``(B, C_in, *S_in)``.
         sizes: FFT lengths (:func:`fft_sizes`).
-        n_probes: frequencies ``r`` kept per sample (``r - r // 2`` largest, the rest sampled).
+        n_probes: frequencies ``r >= 1`` kept per sample: ``max(1, r // 2)`` sampled, the rest the
+            largest (all of them, unsampled, if ``r`` reaches the number of frequencies).
         generator: draws the channel mixes and the sampled frequencies (on ``x``'s device).
-        budget: largest spectrum block, in real numbers (at least :data:`MIN_BLOCK`): the FFT runs
-            over channel chunks of at most this size, once per channel.
+        budget: largest FFT block, in real numbers (at least :data:`MIN_BLOCK`, at least one
+            channel): the transient of the zero-padded copy and the spectrum of one channel block.
 
     Returns:
         ``values`` ``(B, C_in, r)`` complex64 (``X̂`` at the kept frequencies), ``index`` ``(B, r)``
         int64 (flat frequency index), ``weight`` ``(B, r)`` fp32 (``m_f`` for the largest ones,
         ``m_f / (r_s · π_f)`` for the sampled ones).
     """
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be at least 1 for the spectral sketch, but got n_probes={n_probes}")
     batch, channels = x.shape[:2]
     freqs = n_frequencies(sizes)
     mult = _multiplicity(sizes, x.device)  # m_f = mult[f % last]
     last = mult.shape[0]
-    energy, spectrum = _channel_energy(x, sizes, generator)
+    energy, spectrum = _channel_energy(x, sizes, generator, budget)
     score = energy.sqrt_()
     score.view(batch, -1, last).mul_(mult)
-    n_top = min(n_probes - n_probes // 2, freqs)
-    n_drawn = n_probes - n_top
+    n_drawn = max(1, n_probes // 2)
+    n_top = min(n_probes - n_drawn, freqs)
+    if n_top == freqs:
+        n_drawn = 0
     top = torch.topk(score, n_top, dim=1, sorted=False).indices  # (B, n_top)
     index, weight = top, mult[top % last]
     if n_drawn > 0:
+        # π_f ∝ s_f + ε/(1 − ε) · Σs / R on the R frequencies outside the kept set (uniform where Σs = 0)
         rest = score.scatter_(1, top, 0.0)
+        total = rest.sum(1, keepdim=True, dtype=torch.float64)
+        floor = torch.where(total > 0, total * (UNIFORM_SHARE / (1 - UNIFORM_SHARE) / (freqs - n_top)), 1.0)
+        rest += floor.float().clamp_min_(torch.finfo(torch.float32).tiny)
+        rest.scatter_(1, top, 0.0)
         cdf = torch.cumsum(rest, dim=1, dtype=torch.float64)
         total = cdf[:, -1:]
         u = torch.rand((batch, n_drawn), generator=generator, device=x.device, dtype=torch.float64) * total
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=freqs - 1)
+        del cdf
         prob = (rest.gather(1, drawn).double() / total).float()
         drawn_weight = torch.where(prob > 0, mult[drawn % last] / (n_drawn * prob.clamp_min(1e-30)), 0.0)
         index = torch.cat([top, drawn], dim=1)
