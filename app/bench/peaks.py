@@ -13,11 +13,11 @@ How memory is counted:
 
 * CUDA: ``torch.cuda.reset_peak_memory_stats``, then ``torch.cuda.max_memory_allocated`` minus
   ``torch.cuda.memory_allocated`` before the pass.
-* CPU: ``torch.profiler.profile(profile_memory=True)`` records every allocation and free through
-  PyTorch's CPU allocator, including buffers a kernel allocates internally (a convolution's
-  workspace, an FFT's zero-padded copy); their running sum in time order, maximised, is the peak
-  above the memory held when the pass began (:func:`cpu_peak`). Memory a library takes with its own
-  ``malloc`` (MKL's FFT descriptors, oneDNN's primitive cache) is not seen.
+* CPU: :class:`app.nn.PeakMemory`: ``torch.profiler`` with ``profile_memory=True`` records every
+  allocation and free through PyTorch's CPU allocator, including buffers a kernel allocates
+  internally (a convolution's workspace, an FFT's zero-padded copy); their running sum in time
+  order, maximised, is the peak above the memory held when the pass began. Memory a library takes
+  with its own ``malloc`` (MKL's FFT descriptors, oneDNN's primitive cache) is not seen.
 
 Times are the minimum over ``--repeats`` passes, measured without the profiler.
 """
@@ -55,20 +55,12 @@ class LayerPeak:
 
 
 def cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int, int]:
-    """Runs ``fn()`` under the memory profiler: ``(result, peak, held)`` with ``peak`` the most bytes
-    of CPU tensor memory allocated at once during the call above the level at its start, and
-    ``held`` the net bytes still allocated when it returned (the result included)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    """``(fn(), peak, held)``: the most bytes of CPU tensor memory allocated at once during the call
+    above the level at its start, and the net bytes still allocated when it returned (the result
+    included), from :class:`app.nn.PeakMemory` (the profiler's allocation events)."""
+    with snn.PeakMemory("cpu") as memory:
         result = fn()
-    events = [
-        e for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        held += event.nbytes()
-        peak = max(peak, held)
-    return result, peak, held
+    return result, memory.peak_bytes, memory.end_bytes
 
 
 def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int, int]:
