@@ -210,7 +210,8 @@ def test_wandb_offline_run_holds_the_logged_keys(tmp_path, synthetic_root, monke
             summary |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
         elif kind == "run":
             config |= {item.key for item in record.run.config.update}
-    for key in ("train/loss", "train/lr", "train/epoch_loss", "train/step_time_s", "val/mean_dice",
+    for key in ("train/loss", "train/lr", "train/epoch_loss", "train/step_time_s", "train/data_wait_s",
+                "train/data_wait_fraction", "train/bad_steps", "val/mean_dice",
                 "val/best_mean_dice", "val/dice/ellipsoid_1", "val/dice/box_2", "val/overlay/_type",
                 "fidelity/cos_network", "fidelity/rel_network"):
         assert key in history and key in summary, key

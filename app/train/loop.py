@@ -520,9 +520,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update()
                 if self.tracker and step % every_log == 0:
-                    self.tracker.log({"train/loss": loss, "train/lr": lr, "train/step_time_s": t2 - t0,
-                                      "train/data_wait_s": t1 - t0, "train/bad_steps": self.progress.bad_steps,
-                                      "epoch": epoch + 1}, step)
+                    self.tracker.log({"train/loss": loss, "train/lr": lr, "epoch": epoch + 1}, step)
                 if self.dist.is_main and every_console and step % every_console == 0:
                     log.info("step %d/%d: loss %.4f, %.3f s/step (data wait %.3f s)", step, self.total_steps, loss,
                              t2 - t0, t1 - t0)
