@@ -93,10 +93,13 @@ def main() -> int:
                     killed = True
                     break
             time.sleep(0.0005 if mode == "write" and started is not None else 0.01)
-        if not killed and proc.poll() is None:  # time is up: stop it the polite way
+        timed_out = not killed and proc.poll() is None
+        if timed_out:  # time is up: stop it the polite way (SIGTERM: checkpoint and exit 75)
             proc.terminate()
         proc.wait()
         reader.join(10)
+        if timed_out and started is None:  # stopped while starting up: nothing to check
+            break
         resumed = [m for x in lines if (m := RESUMED_LINE.search(x))]
         if last_good and (not resumed or int(resumed[0].group(2)) != last_good):
             problems.append(f"launch {launches}: did not resume from step {last_good} ({resumed[:1]})")
