@@ -23,9 +23,10 @@ their energy in few (mostly low) frequencies. The kept state is ``B · r · C_in
 plus ``2 · B · r`` indices and weights, whatever the volume, and the backward pass costs an FFT of
 ``dY`` and an ``r``-term sum instead of a convolution.
 
-Transient memory: FFTs run over blocks of channels whose fp32 copy, zero-padded copy and
-half-spectrum hold at most ``budget`` real numbers together (:func:`_blocks`), one block alive at a
-time; choosing the frequencies adds a few ``(B, F)`` vectors.
+Transient memory: FFTs run over blocks of channels whose copies (channel mix, fp32 cast),
+zero-padded copy and half-spectrum hold at most ``budget`` real numbers together (:func:`_blocks`;
+the caller passes half an output), one block alive at a time; choosing the frequencies adds a few
+``(B, F)`` vectors, and the backward pass transforms ``dY`` in blocks of half its size.
 """
 
 from __future__ import annotations
@@ -111,10 +112,11 @@ kept set (defensive importance sampling). It keeps ``π_f ≥ ε / R`` where the
 or too small, and costs at most a factor ``1 / (1 − ε)`` in variance against ``π_f ∝ s_f``."""
 
 
-def _channel_cost(t: torch.Tensor, grid: Sequence[int]) -> int:
-    """Real numbers one channel of ``t`` ``(B, C, *S)`` holds while its FFT on ``grid`` runs: an
-    fp32 copy (``B·|S|``, an upper bound), the zero-padded copy (``B·|M|``), the half-spectrum (``2·B·F``)."""
-    return t.shape[0] * (math.prod(t.shape[2:]) + math.prod(grid) + 2 * n_frequencies(grid))
+def _channel_cost(t: torch.Tensor, grid: Sequence[int], copies: int) -> int:
+    """Real numbers one channel of ``t`` ``(B, C, *S)`` holds while its FFT on ``grid`` runs:
+    ``copies`` input-sized copies (a channel mix, an fp32 cast: ``B·|S|`` each), the zero-padded
+    copy (``B·|M|``) and the half-spectrum (``2·B·F``)."""
+    return t.shape[0] * (copies * math.prod(t.shape[2:]) + math.prod(grid) + 2 * n_frequencies(grid))
 
 
 def _blocks(channels: int, per_channel: int, budget: int) -> Iterator[tuple[int, int]]:
@@ -134,7 +136,7 @@ def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: in
     channel blocks (:func:`_blocks`). Shape ``(B, C, n)`` complex64."""
     batch, channels = t.shape[:2]
     out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
-    for c0, c1 in _blocks(channels, _channel_cost(t, grid), budget):
+    for c0, c1 in _blocks(channels, _channel_cost(t, grid, int(t.dtype != torch.float32)), budget):
         spec = _rfft(t[:, c0:c1], grid)
         out[:, c0:c1] = spec.gather(2, flat[:, None, :].expand(batch, c1 - c0, -1))
         del spec  # freed before the next block's FFT
@@ -157,7 +159,7 @@ def _channel_energy(
     if mixed:
         signs = torch.randint(0, 2, (N_MIXES, channels), generator=generator, device=x.device).to(x.dtype) * 2 - 1
     rows = N_MIXES if mixed else channels
-    blocks = list(_blocks(rows, _channel_cost(x, sizes), budget))
+    blocks = list(_blocks(rows, _channel_cost(x, sizes, int(mixed) + int(x.dtype != torch.float32)), budget))
     energy = torch.zeros((batch, n_frequencies(sizes)), device=x.device, dtype=torch.float32)
     for m0, m1 in blocks:
         part = torch.einsum("mc,bc...->bm...", signs[m0:m1], x) if signs is not None else x[:, m0:m1]
@@ -260,7 +262,7 @@ def weight_grad(
         grad_y: ``(B, C_out, *S_out)``.
         values, index, weight: the sketch.
         sizes: its FFT lengths; geom: the convolution's geometry.
-        budget: largest spectrum block of ``dY``, in real numbers.
+        budget: ``dY``'s size in real numbers: its spectrum is taken in blocks of at most half of it.
 
     Returns:
         ``(C_out, C_in / groups, *K)`` in fp32.
@@ -273,7 +275,7 @@ def weight_grad(
     # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the estimate needs conj(Û)
     lengths = [m // s for m, s in zip(sizes, geom.stride)]
     coords = [freq[..., d] for d in range(dims)]
-    u = _spectrum_at(grad_y, lengths, [f % n for f, n in zip(coords, lengths)], budget // 4).conj()
+    u = _spectrum_at(grad_y, lengths, [f % n for f, n in zip(coords, lengths)], budget // 2).conj()
     phase = _phase(coords, sizes, geom)  # (B, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
     groups = geom.groups
@@ -305,7 +307,7 @@ def transposed_weight_grad(
         values, index, weight: the sketch of ``x`` (frequencies of the ``L`` grid).
         sizes: ``M`` (:func:`fft_sizes` of the output grid onto the input grid).
         geom: the transposed convolution's geometry.
-        budget: largest spectrum block of ``dY``, in real numbers.
+        budget: ``dY``'s size in real numbers: its spectrum is taken in blocks of at most half of it.
 
     Returns:
         ``(C_in, C_out / groups, *K)`` in fp32.
@@ -323,7 +325,7 @@ def transposed_weight_grad(
         offsets = (torch.arange(geom.stride[d], device=dev) * lengths[d]).view(shape)
         big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *geom.stride, r).reshape(batch, -1, r))
     aliases = big[0].shape[1]
-    spec_y = _spectrum_at(grad_y, sizes, [f.reshape(batch, -1) for f in big], budget // 4).view(batch, c_out, aliases, r)
+    spec_y = _spectrum_at(grad_y, sizes, [f.reshape(batch, -1) for f in big], budget // 2).view(batch, c_out, aliases, r)
     phase = _phase(big, sizes, geom)  # (B, A, r, K)
     summed = torch.einsum("boaj,bajk->bojk", spec_y, phase)  # Σ over aliases: (B, C_out, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
