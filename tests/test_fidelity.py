@@ -26,6 +26,16 @@ from app.nn.fidelity import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Runs each test on one intra-op thread: the tensors here are small, so more threads only add
+    synchronisation (ten times slower on a loaded 2-core machine). Tolerances do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_net(n_probes: int = 4) -> nn.Module:
     """Full-resolution convs around a batch norm and dropout (their state and masks must not leak)."""
     torch.manual_seed(0)

@@ -23,6 +23,16 @@ SCONV = {1: snn.stochastic_conv1d, 2: snn.stochastic_conv2d, 3: snn.stochastic_c
 SCONV_T = {1: snn.stochastic_conv_transpose1d, 2: snn.stochastic_conv_transpose2d, 3: snn.stochastic_conv_transpose3d}
 SIZES = {1: (23,), 2: (9, 10), 3: (7, 6, 8)}
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Runs each test on one intra-op thread: the tensors here are small, so more threads only add
+    synchronisation (ten times slower on a loaded 2-core machine). Tolerances do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # (dims, transposed, conv kwargs, sketch)
 CASES = [
     (1, False, dict(padding=1), "offset"),
@@ -118,7 +128,9 @@ def test_gradcheck_float64_input_gradient(dims, transposed, kwargs, sketch):
         return _run(dims, transposed, kwargs, x_, w_sketched, b_, n_probes=4, sketch=sketch, seed=0)
 
     assert type(f(x, b).grad_fn).__name__.startswith("_StochasticConv")
-    assert torch.autograd.gradcheck(f, (x, b), eps=1e-6, atol=1e-6)
+    # default suite: gradcheck along random directions (fast_mode); -m slow: every Jacobian entry
+    fast = (dims, transposed, kwargs, sketch) in FAST_CASES
+    assert torch.autograd.gradcheck(f, (x, b), eps=1e-6, atol=1e-6, fast_mode=fast)
 
 
 def _z_test(estimates: torch.Tensor, exact: torch.Tensor, low: float = 0.5, high: float = 1.6) -> None:
@@ -147,12 +159,12 @@ FAST_UNBIASED = [(*case, "mean") for case in FAST_CASES] + [(*CASES[0], "none")]
 @pytest.mark.parametrize("dims,transposed,kwargs,sketch,control", _split_by_speed(UNBIASED_CASES, FAST_UNBIASED))
 def test_weight_gradient_is_unbiased(dims, transposed, kwargs, sketch, control):
     """The mean of n independent estimates converges to the exact dW at the 1/sqrt(n) rate
-    (``_z_test``): n = 128 draws in the default suite, 300 with -m slow."""
+    (``_z_test``): n = 96 draws in the default suite, 300 with -m slow."""
     x, w, b = _case_tensors(dims, transposed, kwargs)
     y_ref = _exact(dims, transposed, kwargs, x, w, b)
     gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7))
     (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
-    n = 128 if (dims, transposed, kwargs, sketch, control) in FAST_UNBIASED else 300
+    n = 96 if (dims, transposed, kwargs, sketch, control) in FAST_UNBIASED else 300
     estimates = torch.stack([
         torch.autograd.grad(_run(dims, transposed, kwargs, x, w, b, n_probes=4, sketch=sketch, control=control, seed=s), w, gy)[0]
         for s in range(n)
@@ -202,7 +214,7 @@ def test_spectral_sketch_with_mixed_channel_energy_is_unbiased():
     gy = torch.randn(2, 3, 6, 7, 5, generator=gen)
     (gw_ref,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, gy)
     est = torch.stack([torch.autograd.grad(snn.stochastic_conv3d(x, w, padding=1, n_probes=6, sketch="spectral", seed=s), w, gy)[0]
-                       for s in range(128)])
+                       for s in range(96)])
     _z_test(est, gw_ref, low=0.3)
 
 
@@ -239,13 +251,13 @@ def test_relative_error_falls_as_one_over_sqrt_probes():
 
     def rms_rel_error(r: int) -> float:
         errs = [
-            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=r, seed=s), w, gy)[0] - gw_ref).pow(2).sum()
-            for s in range(40)
+            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=r, sketch="shifted", seed=s), w, gy)[0] - gw_ref).pow(2).sum()
+            for s in range(32)
         ]
         return math.sqrt(torch.stack(errs).mean().item()) / gw_ref.norm().item()
 
-    ratio = rms_rel_error(4) / rms_rel_error(64)
-    assert 3.0 < ratio < 5.3, f"relative error ratio r=4 vs r=64 is {ratio:.2f} (4 expected)"
+    ratio = rms_rel_error(2) / rms_rel_error(32)
+    assert 3.0 < ratio < 5.3, f"relative error ratio r=2 vs r=32 is {ratio:.2f} (4 expected)"
 
 
 def test_control_variate_lowers_error_on_positive_inputs():
@@ -253,7 +265,7 @@ def test_control_variate_lowers_error_on_positive_inputs():
     errors = {}
     for control in ("mean", "none"):
         errs = [
-            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8, control=control, seed=s), w, gy)[0] - gw_ref).norm()
+            (torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8, sketch="shifted", control=control, seed=s), w, gy)[0] - gw_ref).norm()
             for s in range(30)
         ]
         errors[control] = torch.stack(errs).mean().item()
@@ -331,15 +343,15 @@ def test_global_rng_untouched_and_deterministic_given_seed():
     cpu_state = torch.get_rng_state()
     grads = []
     for _ in range(2):
-        y = snn.stochastic_conv3d(x, w, b, padding=1, seed=42)
+        y = snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8, seed=42)
         grads.append(torch.autograd.grad(y.sum(), w)[0])
-    snn.stochastic_conv3d(x, w, b, padding=1).sum().backward()  # seed drawn from the private stream
+    snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8).sum().backward()  # seed drawn from the private stream
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert torch.equal(grads[0], grads[1])
     snn.manual_seed(3)
-    g1 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1).sum(), w)[0]
+    g1 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8).sum(), w)[0]
     snn.manual_seed(3)
-    g2 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1).sum(), w)[0]
+    g2 = torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=8).sum(), w)[0]
     assert torch.equal(g1, g2)
 
 
@@ -500,6 +512,7 @@ def test_exact_mode_gives_exact_weight_gradient():
 
 def _small_net():
     torch.manual_seed(0)
+    snn.manual_seed(0)  # the probes too: the statistics below are then fixed numbers
     return snn.convert(
         torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3, padding=1)),
         n_probes=8,
@@ -512,24 +525,21 @@ def test_works_under_non_reentrant_checkpoint():
     x = torch.rand(2, 2, 6, 6, 6)
     with snn.exact(net):
         (gw_ref,) = torch.autograd.grad(net(x).pow(2).sum(), net[0].weight)
-    n = 200
     estimates = torch.stack([
-        torch.autograd.grad(checkpoint(net, x, use_reentrant=False).pow(2).sum(), net[0].weight)[0] for _ in range(n)
+        torch.autograd.grad(checkpoint(net, x, use_reentrant=False).pow(2).sum(), net[0].weight)[0] for _ in range(64)
     ])
-    z2 = ((estimates.mean(0) - gw_ref) / (estimates.std(0) / math.sqrt(n))).pow(2).mean().item()
-    assert 0.5 < z2 < 1.7, z2
+    _z_test(estimates, gw_ref, low=0.3, high=1.7)
 
 
 def test_works_under_torch_compile():
     net = _small_net()
     x = torch.rand(2, 2, 6, 6, 6)
     compiled = torch.compile(net, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), net(x))
+    assert torch.equal(compiled(x), net(x))  # the same ATen calls
     with snn.exact(net):
         (gw_ref,) = torch.autograd.grad(net(x).pow(2).sum(), net[0].weight)
-    estimates = torch.stack([torch.autograd.grad(compiled(x).pow(2).sum(), net[0].weight)[0] for _ in range(100)])
-    z2 = ((estimates.mean(0) - gw_ref) / (estimates.std(0) / 10)).pow(2).mean().item()
-    assert 0.4 < z2 < 1.8, z2
+    estimates = torch.stack([torch.autograd.grad(compiled(x).pow(2).sum(), net[0].weight)[0] for _ in range(64)])
+    _z_test(estimates, gw_ref, low=0.3, high=1.8)
 
 
 @pytest.mark.slow
@@ -550,7 +560,7 @@ def test_cuda_matches_cpu_and_is_unbiased():
     gy = torch.randn_like(y_ref)
     (gw_ref,) = torch.autograd.grad(y_ref, w, gy)
     n = 300
-    est = torch.stack([torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=4, seed=s), w, gy)[0] for s in range(n)])
+    est = torch.stack([torch.autograd.grad(snn.stochastic_conv3d(x, w, b, padding=1, n_probes=4, sketch="shifted", seed=s), w, gy)[0] for s in range(n)])
     z2 = ((est.mean(0) - gw_ref) / (est.std(0) / math.sqrt(n))).pow(2).mean().item()
     assert 0.5 < z2 < 1.6
 
