@@ -1,4 +1,4 @@
-"""``python -m app.bench {layer,memory,fidelity,profile,trace} [options]``: benchmarks that print numbers."""
+"""``python -m app.bench {layer,memory,fidelity,peaks,profile,trace} [options]``: benchmarks that print numbers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "layer": ("app.bench.layer", "one 3D convolution: exact vs stochastic (memory, time, dW error)"),
     "memory": ("app.bench.memory", "whole U-Nets: peak memory/time per variant (exact, amp, ckpt, stochastic, lean)"),
     "fidelity": ("app.bench.fidelity", "per-layer dW error of the estimators vs SGD noise on a model state (table + PNG)"),
+    "peaks": ("app.bench.peaks", "one convolution's forward/backward memory peak in multiples of its input, and time (exact vs sketches)"),
     "trace": ("app.bench.trace", "every byte alive at a training step's memory peak, by category and source (table + PNG)"),
     "profile": ("app.bench.profile", "per layer: host vs device time and kernel launches, converted vs plain, fwd and bwd"),
 }
