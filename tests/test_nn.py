@@ -619,7 +619,7 @@ def _split_parameters(sig: inspect.Signature) -> tuple[list[tuple[str, object]],
     return torch_like, keyword_only
 
 
-@pytest.mark.parametrize("ours, theirs", FUNCTIONALS, ids=lambda f: getattr(f, "__name__", ""))
+@pytest.mark.parametrize("ours, theirs", FUNCTIONALS, ids=lambda f: f.__name__)
 def test_functional_signature_is_torchs_plus_keyword_sketch_options(ours, theirs):
     torch_like, keyword_only = _split_parameters(inspect.signature(ours))
     assert torch_like == _torch_functional_parameters(theirs)  # names, order and defaults

@@ -100,10 +100,11 @@ def _shape_carrier(grad_out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
     """A tensor of ``shape`` for an argument of which only the shape is used.
 
     ``aten.convolution_backward`` takes the convolution's input even when it computes only the
-    input gradient (which does not depend on the input's values), and most backends (oneDNN,
-    cuDNN) make it contiguous: a stride-0 placeholder is copied into a new input-sized buffer
-    there. When ``grad_out`` holds enough elements this returns a contiguous view of its memory
-    (nothing allocated, nothing copied); otherwise the stride-0 placeholder. Its values are never read.
+    input gradient (which does not depend on the input's values), and backends such as oneDNN (the
+    CPU's) make it contiguous first: a stride-0 placeholder is copied into a new input-sized buffer
+    there (a 32 → 32-channel layer's backward then peaks at 3× its input instead of torch's 2×).
+    When ``grad_out`` holds enough elements this returns a contiguous view of its memory (nothing
+    allocated, nothing copied); otherwise the stride-0 placeholder. Its values are never read.
     """
     numel = math.prod(shape)
     if grad_out.is_contiguous() and grad_out.numel() >= numel:

@@ -63,7 +63,8 @@ class PeakMemory:
     timeline is built from).
 
     Args:
-        device: device type whose allocations count (``"cpu"`` or ``"cuda"``). Default ``"cpu"``.
+        device: device type whose allocations count. Default ``"cpu"`` (on CUDA,
+            ``torch.cuda.max_memory_allocated`` needs no profiler).
 
     Example:
         >>> y = layer(x)
