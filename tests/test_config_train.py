@@ -189,3 +189,17 @@ def test_constant_with_warmup_and_bad_arguments():
         warmup_cosine(opt, total_steps=10, warmup=1.5)
     with pytest.raises(ValueError, match="total_steps"):
         poly(opt, total_steps=0)
+
+
+def test_sketch_config_defaults_are_the_layers_defaults():
+    """conf/sketch/default.yaml states app.nn's defaults, and every key it sets is an option of
+    app.nn.convert or of the probe allocator."""
+    import inspect
+
+    import app.nn
+    from app.nn.fidelity import split_sketch_config
+
+    sketch = OmegaConf.to_container(OmegaConf.load(config_dir() / "sketch" / "default.yaml"))
+    assert sketch["sketch"] == app.nn.DEFAULT_SKETCH and sketch["n_probes"] == app.nn.DEFAULT_N_PROBES
+    convert_kwargs, _ = split_sketch_config(sketch)
+    assert set(convert_kwargs) <= set(inspect.signature(app.nn.convert).parameters)
