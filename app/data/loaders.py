@@ -1,31 +1,93 @@
-"""Training and validation data loaders on MONAI datasets."""
+"""Training and validation data loaders: preprocess once, then cut patches from the stored arrays.
+
+:func:`build_loaders` preprocesses every case once (:func:`app.data.preprocess.prepare_cases`:
+stored on disk and memory-mapped by default), then the training loader cuts random patches
+from the stored arrays (:class:`app.data.patches.PatchDataset`: foreground oversampling,
+augmentation in the workers or, with ``augment_on="device"``, left to the caller's device) in
+``num_workers`` persistent worker processes with pinned memory and prefetching.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import DataLoader
 from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.utils import look_up_option
-from torch.utils.data import DistributedSampler
 
 from app.data.datalist import DataList, read_volume_info
 from app.data.errors import data_error
-from app.data.transforms import Preprocessing, normalize_patch_size, train_transforms, val_transforms
+from app.data.patches import Augmentation, PatchDataset, SeededSampler, VolumeDataset
+from app.data.preprocess import CACHE_MODES, PreparedCases, prepare_cases
+from app.data.transforms import Preprocessing, normalize_patch_size, rotation_plane
 from app.data.video import is_video
 
-__all__ = ["CACHE_MODES", "build_loaders", "check_channels"]
+__all__ = [
+    "AUGMENT_ON",
+    "CACHE_MODES",
+    "MAX_AUTO_WORKERS",
+    "build_loaders",
+    "check_channels",
+    "default_cache_dir",
+    "prepare_datalist",
+    "resolve_num_workers",
+]
 
 PathLikeStr = Union[str, "PathLike[str]"]
 
-CACHE_MODES = ("none", "memory", "disk")
+AUGMENT_ON = ("workers", "device")
+MAX_AUTO_WORKERS = 12
+"""``num_workers="auto"`` gives at most this many workers per process (nnU-Net's default count)."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which container limits set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: Any, device_type: str = "cuda", processes_per_node: int | None = None) -> int:
+    """``num_workers``: a count, or ``auto`` from the cores available to this process.
+
+    ``auto`` shares the cores between the processes of this machine (``LOCAL_WORLD_SIZE`` under
+    ``torchrun``), then: on a CUDA device all but one core of the share (that one runs the training
+    loop), at most :data:`MAX_AUTO_WORKERS`; on the CPU a quarter of the share, because there
+    the training step's own threads use the cores a worker would take (0 on up to 3 cores).
+
+    Args:
+        value: ``"auto"`` or an integer >= 0.
+        device_type: ``"cuda"`` or ``"cpu"``, the training device.
+        processes_per_node: processes sharing the cores; None reads ``LOCAL_WORLD_SIZE`` (1 if unset).
+
+    Raises:
+        ValueError: neither ``auto`` nor an integer >= 0 (the message names ``num_workers``).
+    """
+    if str(value).lower() == "auto":
+        share = available_cores() // max(1, processes_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        n = share - 1 if device_type == "cuda" else share // 4
+        return max(0, min(MAX_AUTO_WORKERS, n))
+    if isinstance(value, bool) or not isinstance(value, int) and not str(value).isdigit():
+        raise ValueError(f"num_workers must be auto or an integer >= 0, but got num_workers={value!r}")
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"num_workers must be auto or an integer >= 0, but got num_workers={value!r}")
+    return n
+
+
+def default_cache_dir(root: PathLikeStr) -> Path:
+    """Where preprocessed cases go when no folder is given: ``<root>/.cache/preprocessed`` when the data
+    set's folder is writable, else ``$STOCHPROP_DATA/preprocessed`` (default ``~/.cache/stochprop``)."""
+    root = Path(root)
+    if os.access(root, os.W_OK) and (not (root / ".cache").exists() or os.access(root / ".cache", os.W_OK)):
+        return root / ".cache" / "preprocessed"
+    return Path(os.environ.get("STOCHPROP_DATA", "~/.cache/stochprop")).expanduser() / "preprocessed"
 
 
 def check_channels(items: Sequence[dict[str, str]], in_channels: int) -> None:
@@ -45,23 +107,75 @@ def check_channels(items: Sequence[dict[str, str]], in_channels: int) -> None:
             raise data_error(image, f"image has {n} channel(s), but Preprocessing.in_channels={in_channels}")
 
 
-def _cache_subdir(cache_dir: Path, pre: Preprocessing, patch: tuple[int, int, int], n_classes: int, split: str) -> Path:
-    """A folder per preprocessing setting: PersistentDataset keys its files by item only, so a
-    changed setting must not find the old tensors."""
-    key = json.dumps({"pre": pre.to_dict(), "patch": patch, "n_classes": n_classes}, sort_keys=True)
-    return cache_dir / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+def _rank(distributed: bool) -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without DDP."""
+    if not distributed:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed initialised (init_process_group) first")
+    return dist.get_rank(), dist.get_world_size()
 
 
-def _dataset(data: list[dict[str, str]], transform: Callable[..., Any], cache: str, cache_dir: Path | None) -> Dataset:
-    """A MONAI dataset for the cache mode; ``cache_dir`` is only used (and must be set) for ``"disk"``."""
-    if cache == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=None, progress=False)
+def prepare_datalist(
+    datalist: DataList,
+    pre: Preprocessing,
+    n_classes: int,
+    cache: str = "disk",
+    cache_dir: PathLikeStr | None = None,
+    *,
+    distributed: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+) -> tuple[PreparedCases, PreparedCases]:
+    """Preprocesses (or finds stored) every training and validation case once, checking their voxels.
+
+    See :func:`app.data.preprocess.prepare_cases`. Under DDP (``distributed``) rank 0 preprocesses
+    first and the other ranks then read what it stored (``"disk"``), or preprocess for themselves
+    (``"memory"``).
+
+    Args:
+        datalist: cases from :func:`app.data.load_datalist`.
+        pre: preprocessing settings (``pre.in_channels`` is checked against the image headers).
+        n_classes: classes including background.
+        cache: ``"disk"`` (stored under ``cache_dir``, memory-mapped), ``"memory"`` or ``"none"``
+            (preprocessed again at every access; nothing is read here).
+        cache_dir: folder of the stored cases; None: :func:`default_cache_dir` of the data set.
+        distributed: the process group is initialised and every rank calls this.
+        threads: cases preprocessed at once (None: the cores, at most 8).
+        progress: a progress bar over the cases (rank 0 only).
+
+    Returns:
+        ``(train, val)`` prepared cases.
+
+    Raises:
+        DataError: the first bad case (one line naming the file), a channel-count mismatch.
+        ValueError: an unknown ``cache``.
+    """
+    cache = look_up_option(cache, CACHE_MODES)
+    check_channels(datalist.train + datalist.val, pre.in_channels)
+    rank, _ = _rank(distributed)
+    folder = None
     if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("cache='disk' needs a cache folder")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
-    return Dataset(data, transform)
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(datalist.root)
+    items = datalist.train + datalist.val
+    if distributed and rank != 0:
+        dist.barrier()  # rank 0 stores the cases first
+    try:
+        cases = prepare_cases(items, pre, n_classes, cache, folder, threads=threads, progress=progress and rank == 0)
+    finally:
+        if distributed and rank == 0:
+            dist.barrier()
+    n = len(datalist.train)
+    return _split(cases, 0, n), _split(cases, n, len(items))
+
+
+def _split(cases: PreparedCases, start: int, stop: int) -> PreparedCases:
+    """Cases ``start:stop`` of a :class:`PreparedCases`, as one of its own."""
+    return PreparedCases(
+        cases.items[start:stop], cases.pre, cases.mode,
+        cases=None if cases._cases is None else cases._cases[start:stop],
+        store=cases.store, keys=None if cases.keys is None else cases.keys[start:stop],
+    )
 
 
 def build_loaders(
@@ -70,93 +184,111 @@ def build_loaders(
     patch_size: Sequence[int] | int,
     n_classes: int,
     batch_size: int = 2,
-    num_workers: int = 0,
-    cache: str = "none",
+    num_workers: int | str = 0,
+    cache: str = "disk",
     cache_dir: PathLikeStr | None = None,
     num_samples: int = 1,
     distributed: bool = False,
     seed: int = 0,
+    *,
+    prepared: tuple[PreparedCases, PreparedCases] | None = None,
+    oversample_foreground: float = 0.33,
+    augment_on: str = "workers",
+    prefetch_factor: int = 2,
+    device_type: str | None = None,
+    progress: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Builds the training loader (random patches) and the validation loader (whole volumes).
+    """Builds the training loader (random patches of the preprocessed cases) and the validation loader (whole volumes).
 
     Args:
         datalist: cases from :func:`app.data.load_datalist`.
         pre: preprocessing settings (``pre.in_channels`` is checked against the image headers).
         patch_size: training patch ``(px, py, pz)`` or one size.
         n_classes: classes including background; must equal ``datalist.n_classes``.
-        batch_size: training volumes per batch; a batch holds ``batch_size * num_samples`` patches.
-        num_workers: loader worker processes (0: load in the main process).
-        cache: ``"none"``; ``"memory"`` (``CacheDataset``: preprocessed volumes in RAM); ``"disk"``
-            (``PersistentDataset`` under ``cache_dir``, one subfolder per preprocessing setting).
-            The cache holds everything up to the first random transform.
-        cache_dir: folder for ``cache="disk"``; None means ``<datalist.root>/.cache``.
-        num_samples: patches cut from each loaded volume.
+        batch_size: training items per batch; a batch holds ``batch_size * num_samples`` patches.
+        num_workers: loader worker processes, or ``"auto"`` (:func:`resolve_num_workers`); 0
+            loads in the main process. Workers persist across epochs; batches are prefetched and,
+            for a CUDA device, pinned.
+        cache: ``"disk"`` (default: each case preprocessed once, stored under ``cache_dir`` keyed by
+            its files' bytes and the settings, memory-mapped), ``"memory"`` (preprocessed once, kept
+            in RAM) or ``"none"`` (preprocessed again at every access). The batches are the same.
+        cache_dir: folder for ``"disk"``; None: :func:`default_cache_dir` of the data set.
+        num_samples: patches cut from each drawn case.
         distributed: shard both loaders over the ``torch.distributed`` process group (initialised by
-            the caller): training through ``DistributedSampler`` (call
+            the caller): training through :class:`~app.data.patches.SeededSampler` (call
             ``train_loader.sampler.set_epoch(epoch)`` every epoch), validation without padding
             duplicates (reduce metrics across ranks).
-        seed: seeds the shuffling and the augmentation (plus the rank when distributed).
+        seed: seeds the shuffling, the patch positions and the augmentation.
+        prepared: the ``(train, val)`` of :func:`prepare_datalist`, when the caller ran it already.
+        oversample_foreground: share of patches centred on a labelled voxel (nnU-Net: 0.33).
+        augment_on: ``"workers"`` (augmented in the loader) or ``"device"``: patches come
+            unaugmented and ``train_loader.device_augmentation`` (an
+            :class:`~app.data.patches.Augmentation`) is to be applied by the caller to each batch
+            on its device, as ``device_augmentation.batch(image, label, batch["seed"])``.
+        prefetch_factor: batches each worker loads ahead.
+        device_type: the training device's type (``"cuda"``/``"cpu"``): pins memory for CUDA and
+            sizes ``num_workers="auto"``; None: CUDA when available.
+        progress: a progress bar while preprocessing (when ``prepared`` is None).
 
     Returns:
-        ``(train_loader, val_loader)``. Training batches: ``image (B*num_samples, C, px, py, pz)``,
-        ``label (B*num_samples, 1, px, py, pz)``. Validation batches: batch size 1,
-        ``image (1, C, X, Y, Z)``, ``label (1, 1, X, Y, Z)`` after preprocessing.
+        ``(train_loader, val_loader)``. Training batches: ``image (B*num_samples, C, px, py, pz)``
+        float32, ``label (B*num_samples, 1, px, py, pz)`` float32, ``seed (B*num_samples,)``.
+        Validation batches: batch size 1, ``image (1, C, X, Y, Z)``, ``label (1, 1, X, Y, Z)``
+        after preprocessing.
 
     Raises:
-        DataError: no training cases, class count or channel count mismatch.
-        ValueError: bad ``cache``, non-positive sizes, or
+        DataError: no training cases, class count or channel count mismatch, a bad case.
+        ValueError: bad ``cache``, ``augment_on`` or ``num_workers``, non-positive sizes, or
             ``distributed=True`` without an initialised process group.
     """
     cache = look_up_option(cache, CACHE_MODES)
+    augment_on = look_up_option(augment_on, AUGMENT_ON)
     patch = normalize_patch_size(patch_size)
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size=}, {num_workers=}")
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    workers = resolve_num_workers(num_workers, device_type)
+    if batch_size < 1 or prefetch_factor < 1:
+        raise ValueError(f"need batch_size >= 1 and prefetch_factor >= 1, got {batch_size=}, {prefetch_factor=}")
     if not datalist.train:
         raise data_error(datalist.root, "no training cases")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2 (background included), got n_classes={n_classes}")
     if n_classes != datalist.n_classes:
         raise data_error(
             datalist.root,
             f"n_classes={n_classes} but the dataset has {datalist.n_classes} classes {datalist.class_names}",
         )
-    check_channels(datalist.train + datalist.val, pre.in_channels)
-    rank = 0
-    if distributed:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True needs torch.distributed initialised (init_process_group) first")
-        rank = dist.get_rank()
+    rank, world = _rank(distributed)
+    if prepared is None:
+        prepared = prepare_datalist(datalist, pre, n_classes, cache, cache_dir, distributed=distributed, progress=progress)
+    train_cases, val_cases = prepared
 
-    train_tf = train_transforms(pre, patch, n_classes, num_samples=num_samples)
-    train_tf.set_random_state(seed=seed + rank)
-    val_tf = val_transforms(pre)
-    root_cache = None
-    if cache == "disk":
-        root_cache = Path(cache_dir).expanduser() if cache_dir is not None else datalist.root / ".cache"
-    train_dir = _cache_subdir(root_cache, pre, patch, n_classes, "train") if root_cache else None
-    val_dir = _cache_subdir(root_cache, pre, patch, n_classes, "val") if root_cache else None
-    train_ds = _dataset(datalist.train, train_tf, cache, train_dir)
-    val_ds = _dataset(datalist.val, val_tf, cache, val_dir)
-
-    pin = torch.cuda.is_available()
-    generator = torch.Generator().manual_seed(seed)
-    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed) if distributed else None
+    augmentation = Augmentation(plane=rotation_plane(patch))
+    train_ds = PatchDataset(train_cases, patch, n_classes, num_samples, oversample_foreground,
+                            augmentation if augment_on == "workers" else None)
+    val_ds = VolumeDataset(val_cases)
+    pin = device_type == "cuda"
+    train_sampler = SeededSampler(len(train_ds), seed=seed, num_replicas=world, rank=rank, shuffle=True)
     val_sampler = MonaiDistributedSampler(val_ds, even_divisible=False, shuffle=False) if distributed else None
+    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers else {}
     train_loader = DataLoader(
         train_ds,
         batch_size=batch_size,
-        shuffle=train_sampler is None,
         sampler=train_sampler,
-        num_workers=num_workers,
+        num_workers=workers,
         pin_memory=pin,
-        persistent_workers=num_workers > 0,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
+        **extra,
     )
+    # Stored volumes are read in the main process (a memory-map read); recomputed ones in workers.
+    val_workers = workers if prepared[1].mode == "none" else 0
     val_loader = DataLoader(
         val_ds,
         batch_size=1,
         shuffle=False,
         sampler=val_sampler,
-        num_workers=num_workers,
+        num_workers=val_workers,
         pin_memory=pin,
-        persistent_workers=num_workers > 0,
+        **({"prefetch_factor": prefetch_factor, "persistent_workers": True} if val_workers else {}),
     )
+    train_loader.device_augmentation = augmentation if augment_on == "device" else None
     return train_loader, val_loader

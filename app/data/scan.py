@@ -28,7 +28,14 @@ from app.data.errors import DataError, data_error
 from app.data.transforms import Preprocessing
 from app.data.video import is_video, read_video_volume
 
-__all__ = ["read_nifti_checked", "scan_cases"]
+__all__ = [
+    "check_image_voxels",
+    "check_label_range",
+    "check_label_voxels",
+    "read_nifti_checked",
+    "read_nifti_image_checked",
+    "scan_cases",
+]
 
 PathLikeStr = Union[str, "PathLike[str]"]
 
@@ -36,8 +43,8 @@ PathLikeStr = Union[str, "PathLike[str]"]
 _THREADS = 4
 
 
-def read_nifti_checked(path: PathLikeStr) -> np.ndarray:
-    """The voxel array of a NIfTI file (scaled as nibabel scales it), every byte read.
+def read_nifti_image_checked(path: PathLikeStr) -> nib.Nifti1Image | nib.Nifti2Image:
+    """A NIfTI file read whole into memory: the returned image's voxels come from those bytes.
 
     A ``.nii.gz`` is decompressed to its end, so its CRC and length are checked.
 
@@ -53,33 +60,48 @@ def read_nifti_checked(path: PathLikeStr) -> np.ndarray:
             img = klass.from_bytes(raw)
         else:
             img = klass.from_bytes(p.read_bytes())
-        return np.asanyarray(img.dataobj)
+        return img
     except (OSError, EOFError, zlib.error) as e:
         raise data_error(p, f"compressed data is damaged ({type(e).__name__}: {e}); re-export or re-copy the file") from e
     except (ImageFileError, ValueError, struct.error) as e:
         raise data_error(p, f"cannot read the voxel data ({type(e).__name__}: {e})") from e
 
 
-def _check_image(path: str, in_channels: int) -> tuple[int, ...]:
-    """Reads an image whole; returns its spatial shape."""
-    if is_video(path):
-        volume = read_video_volume(path, grayscale=in_channels == 1)
-        shape = tuple(volume.shape[-3:])
-    else:
-        volume = read_nifti_checked(path)
-        shape = tuple(volume.shape[:3])
-        if np.issubdtype(volume.dtype, np.floating):
-            bad = int(np.count_nonzero(~np.isfinite(volume)))
-            if bad:
-                raise data_error(path, f"image holds {bad} NaN/inf voxels; replace them (e.g. by 0) first")
+def read_nifti_checked(path: PathLikeStr) -> np.ndarray:
+    """The voxel array of a NIfTI file (scaled as nibabel scales it), every byte read.
+
+    A ``.nii.gz`` is decompressed to its end, so its CRC and length are checked.
+
+    Raises:
+        DataError: unreadable, damaged compressed data, or fewer bytes than the header needs.
+    """
+    img = read_nifti_image_checked(path)
+    try:
+        return np.asanyarray(img.dataobj)
+    except (ValueError, struct.error) as e:
+        raise data_error(path, f"cannot read the voxel data ({type(e).__name__}: {e})") from e
+
+
+def check_image_voxels(path: PathLikeStr, volume: np.ndarray) -> None:
+    """The voxel checks of an image read whole (NaN/inf, one value everywhere).
+
+    Raises:
+        DataError: naming ``path``.
+    """
+    if np.issubdtype(volume.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(volume)))
+        if bad:
+            raise data_error(path, f"image holds {bad} NaN/inf voxels; replace them (e.g. by 0) first")
     if volume.size and volume.min() == volume.max():
         raise data_error(path, f"image has the same value ({float(volume.min()):g}) in every voxel: nothing to learn from")
-    return shape
 
 
-def _check_label(path: str, n_classes: int) -> tuple[int, ...]:
-    """Reads a label whole; returns its shape."""
-    label = read_nifti_checked(path)
+def check_label_voxels(path: PathLikeStr, label: np.ndarray, n_classes: int) -> None:
+    """The voxel checks of a label read whole (NaN/inf, non-integer values, values outside the classes).
+
+    Raises:
+        DataError: naming ``path``.
+    """
     if np.issubdtype(label.dtype, np.floating):
         if not np.isfinite(label).all():
             raise data_error(path, "label holds NaN/inf values; labels must be integer classes")
@@ -90,12 +112,38 @@ def _check_label(path: str, n_classes: int) -> tuple[int, ...]:
                 f"integer classes 0..{n_classes - 1}, not rounded or interpolated values",
             )
     if label.size:
-        lo, hi = float(label.min()), float(label.max())
-        if lo < 0 or hi > n_classes - 1:
-            raise data_error(
-                path, f"label values span {lo:g}..{hi:g}, outside 0..{n_classes - 1} for the data set's "
-                f"{n_classes} classes; fix the label or name every class in dataset.json 'labels'",
-            )
+        check_label_range(path, float(label.min()), float(label.max()), n_classes)
+
+
+def check_label_range(path: PathLikeStr, lo: float, hi: float, n_classes: int) -> None:
+    """Label values ``lo..hi`` must lie in ``0..n_classes-1``.
+
+    Raises:
+        DataError: naming ``path``.
+    """
+    if lo < 0 or hi > n_classes - 1:
+        raise data_error(
+            path, f"label values span {lo:g}..{hi:g}, outside 0..{n_classes - 1} for the data set's "
+            f"{n_classes} classes; fix the label or name every class in dataset.json 'labels'",
+        )
+
+
+def _check_image(path: str, in_channels: int) -> tuple[int, ...]:
+    """Reads an image whole; returns its spatial shape."""
+    if is_video(path):
+        volume = read_video_volume(path, grayscale=in_channels == 1)
+        shape = tuple(volume.shape[-3:])
+    else:
+        volume = read_nifti_checked(path)
+        shape = tuple(volume.shape[:3])
+    check_image_voxels(path, volume)
+    return shape
+
+
+def _check_label(path: str, n_classes: int) -> tuple[int, ...]:
+    """Reads a label whole; returns its shape."""
+    label = read_nifti_checked(path)
+    check_label_voxels(path, label, n_classes)
     return tuple(label.shape[:3])
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "Preprocessing",
     "infer_transforms",
     "preprocessing_transforms",
+    "rotation_plane",
     "train_transforms",
     "val_transforms",
 ]
@@ -288,7 +289,7 @@ def normalize_patch_size(patch_size: Sequence[int] | int) -> tuple[int, int, int
     return size  # type: ignore[return-value]
 
 
-def _rotation_plane(patch: tuple[int, int, int]) -> tuple[int, int] | None:
+def rotation_plane(patch: tuple[int, int, int]) -> tuple[int, int] | None:
     """First axis pair with equal patch sizes: 90-degree turns there keep the patch shape."""
     for a, b in ((0, 1), (1, 2), (0, 2)):
         if patch[a] == patch[b]:
@@ -345,7 +346,7 @@ def train_transforms(
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys, prob=0.5, spatial_axis=2),
     ]
-    plane = _rotation_plane(patch)
+    plane = rotation_plane(patch)
     if plane is not None:
         out.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=plane))
     out += [
