@@ -100,7 +100,7 @@ def _estimate(x: torch.Tensor, gy: torch.Tensor, geom: Geom, n_probes: int, seed
     """The mean of the sketched dW over one draw per seed: the draws are stacked along the batch
     axis, where ``weight_grad`` sums, so one call evaluates them all."""
     sizes, grid = _grids(x, gy.shape[2:], geom)
-    parts = [spectral.sketch(x, grid, n_probes, torch.Generator().manual_seed(s), budget) for s in seeds]
+    parts = [spectral.sketch(x, grid, n_probes, s, budget) for s in seeds]
     values, index, weight = (torch.cat(t) for t in zip(*parts))
     estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
     grad_y = gy.repeat(len(seeds), *([1] * (gy.dim() - 1)))
@@ -205,7 +205,7 @@ def test_one_probe_is_unbiased(channels):
 @pytest.mark.parametrize("n_probes,top,drawn", [(1, 0, 1), (2, 1, 1), (3, 2, 1), (8, 4, 4), (9, 5, 4)])
 def test_split_of_kept_and_sampled_frequencies(n_probes, top, drawn):
     x = torch.randn(1, 2, 40, generator=torch.Generator().manual_seed(5))
-    values, index, weight = spectral.sketch(x, (41,), n_probes, torch.Generator().manual_seed(0), 1 << 20)
+    values, index, weight = spectral.sketch(x, (41,), n_probes, 0, 1 << 20)
     mult = spectral._multiplicity((41,), x.device)
     assert index.shape == weight.shape == (1, top + drawn) and values.shape == (1, 2, top + drawn)
     torch.testing.assert_close(weight[:, :top], mult[index[:, :top]])  # kept exactly, weight m_f
@@ -238,7 +238,7 @@ def test_sampled_weights_are_positive_and_bounded_when_the_energy_estimate_cance
     sizes = (32, 32)
     n_probes, drawn = 16, 8
     rest = spectral.n_frequencies(sizes) - (n_probes - drawn)
-    sampled = torch.stack([spectral.sketch(x, sizes, n_probes, torch.Generator().manual_seed(seed), 1 << 20)[2][:, -drawn:]
+    sampled = torch.stack([spectral.sketch(x, sizes, n_probes, seed, 1 << 20)[2][:, -drawn:]
                            for seed in range(100)])  # (seeds, B, r_s)
     zero = (sampled == 0).any(-1).any(-1).nonzero().flatten().tolist()
     assert not zero, f"draws {zero} sample a frequency of probability 0 (weight 0)"
@@ -257,7 +257,7 @@ def test_sketch_and_weight_grad_transients_stay_within_the_block_budget():
     sizes = spectral.fft_sizes(x.shape[2:], gy.shape[2:], geom)
     block, r = 400_000, 16  # above MIN_BLOCK: the budget, not the floor, sets the blocks
     small = 8 * spectral.n_frequencies(sizes) + 8 * r * 24 * 27  # real numbers
-    state, fwd_peak, _ = peaks.cpu_peak(lambda: spectral.sketch(x, sizes, r, torch.Generator().manual_seed(0), block))
+    state, fwd_peak, _ = peaks.cpu_peak(lambda: spectral.sketch(x, sizes, r, 0, block))
     _, bwd_peak, _ = peaks.cpu_peak(lambda: spectral.weight_grad(gy, *state, sizes, geom, 2 * block))  # dY: half its size
     assert fwd_peak <= 4 * (block + small), (fwd_peak / 4, block + small)
     assert bwd_peak <= 4 * (block + small), (bwd_peak / 4, block + small)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spectral
-from .probes import check_probe_options, iter_blocks, next_seed
+from .probes import capturing, check_probe_options, device_seed, iter_blocks, next_seed
 
 SKETCHES = ("offset", "shifted", "spectral")
 CONTROLS = ("mean", "none")
@@ -214,16 +214,16 @@ class _StochasticConv(torch.autograd.Function):
                 return y
             if sketch == "spectral":
                 ctx.fft_sizes, grid = _spectral_grids(x.shape[2:], y.shape[2:], geom)
-                gen = torch.Generator(device=x.device)
-                gen.manual_seed(seed)
                 # spectrum blocks of at most half an output: the last decoder layers run at the forward peak
-                state = spectral.sketch(x, grid, n_probes, gen, ctx.budget // 2)
+                state = spectral.sketch(x, grid, n_probes, seed, ctx.budget // 2)
             else:
                 mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
                 state = (_sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:])), mu)
             # Keep the seed as a tensor: under non-reentrant checkpointing, the recomputed forward's
-            # saved tensors (sketch and seed together) replace these, so they always match.
-            ctx.save_for_backward(keep_weight, torch.tensor(seed, dtype=torch.int64), *state)
+            # saved tensors (sketch and seed together) replace these, so they always match. A seed
+            # drawn on the device (:func:`_draw_seed`) is kept as it is: nothing is read on the host.
+            seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+            ctx.save_for_backward(keep_weight, seed_t, *state)
         return y
 
     @staticmethod
@@ -456,7 +456,19 @@ def _stochastic_conv_nd(
         sketch == "spectral" and n_probes >= _spectral_frequencies(x.shape[2:], geom)
     ):
         return _conv(x, weight, bias, geom)
-    return _StochasticConv.apply(x, weight, bias, geom, n_probes, probes, sketch, control, next_seed() if seed is None else int(seed))
+    return _StochasticConv.apply(x, weight, bias, geom, n_probes, probes, sketch, control, _draw_seed(seed, sketch, x.device))
+
+
+def _draw_seed(seed: Optional[int], sketch: str, device: torch.device) -> Union[int, torch.Tensor]:
+    """The per-call seed: ``seed`` itself when given; for the spectral sketch inside a compiled or
+    captured graph, a device tensor advanced by the graph (:func:`app.nn.probes.device_seed`); else
+    the next seed of the host stream (:func:`app.nn.manual_seed`). The probe sketches seed
+    ``torch.Generator`` objects on the host and always take a host seed."""
+    if seed is not None:
+        return int(seed)
+    if sketch == "spectral" and capturing(device):
+        return device_seed(device)
+    return next_seed()
 
 
 def stochastic_conv1d(

@@ -6,6 +6,12 @@ Probes are laid out like activations, ``(B, r, *S)``, and generated block by blo
 range of probe columns) from a seed, so the forward pass and the backward pass regenerate the same
 numbers without storing them. A private ``torch.Generator`` on the tensor's device is used: torch's
 global random state is never read or written.
+
+The spectral sketch draws its random numbers differently (:func:`hash_bits`):
+as a counter-based hash of a seed and the element index, computed by ordinary integer tensor ops.
+No generator state exists on the host or the device, so the draws can be captured in a CUDA graph
+or traced by ``torch.compile``; the seed may be a Python int or a 0-dim int64 tensor on the device
+(:func:`device_seed`, which a captured graph advances on every replay).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def manual_seed(seed: int) -> None:
     """
     with _seed_lock:
         _seed_stream.seed(int(seed))
+        _device_seeds.clear()
 
 
 def seed_state() -> tuple:
@@ -44,12 +51,106 @@ def set_seed_state(state: tuple) -> None:
     """Restores a state returned by :func:`seed_state`."""
     with _seed_lock:
         _seed_stream.setstate(state)
+        _device_seeds.clear()
 
 
 def next_seed() -> int:
     """Returns a fresh 63-bit seed from the private stream (thread-safe)."""
     with _seed_lock:
         return _seed_stream.getrandbits(63)
+
+
+def _signed(value: int) -> int:
+    """``value mod 2⁶⁴`` as a signed 64-bit int (what an int64 tensor holds)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _splitmix_tensor(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on an int64 tensor (wrapping arithmetic; ``>>`` made logical by masking)."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def hash_bits(seed: int | torch.Tensor, shape: Sequence[int], stream: int, device: torch.device) -> torch.Tensor:
+    """64 random-looking bits per element of ``shape`` (int64), a function of ``(seed, stream, index)``
+    only: element ``i`` is SplitMix64 of ``base + (i + 1)·γ`` with ``base`` = SplitMix64 of the seed
+    offset by the stream. ``seed``: an int, or a 0-dim int64 tensor on ``device`` (then nothing is
+    read on the host); equal seeds give equal bits either way. Draw everything a call needs at once
+    and split it (:func:`uniform_from_bits`, :func:`signs_from_bits`): each draw is a dozen small ops."""
+    salt = _signed(_mix(stream, 0))
+    if isinstance(seed, torch.Tensor):
+        base = _splitmix_tensor(seed + salt)
+    else:
+        base = _signed(_finalize(int(seed) + salt))
+    index = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64).view(tuple(shape))
+    return _splitmix_tensor(index * _GOLDEN + base)
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in ``[0, 1)`` (float64, the top 53 of the 64 bits of :func:`hash_bits`)."""
+    return ((bits >> 11) & ((1 << 53) - 1)).double() * (1.0 / (1 << 53))
+
+
+def signs_from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Independent ±1 in ``dtype``: the sign bit of :func:`hash_bits`."""
+    return ((bits >> 63) * 2 + 1).to(dtype)
+
+
+def hash_uniform(seed: int | torch.Tensor, shape: Sequence[int], stream: int, device: torch.device) -> torch.Tensor:
+    """Uniform numbers in ``[0, 1)`` (float64, 53 random bits) of ``shape``."""
+    return uniform_from_bits(hash_bits(seed, shape, stream, device))
+
+
+def hash_signs(seed: int | torch.Tensor, shape: Sequence[int], stream: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Independent ±1 of ``shape`` in ``dtype``."""
+    return signs_from_bits(hash_bits(seed, shape, stream, device), dtype)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the code runs inside ``torch.compile``'s tracing or a CUDA-graph capture on ``device``:
+    then a value computed on the host is frozen into the graph, the same on every replay, and a
+    tensor made now holds its values only once the graph runs."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_device_seeds: dict[str, torch.Tensor] = {}
+
+
+def device_seed(device: torch.device) -> torch.Tensor:
+    """A fresh seed as a 0-dim int64 tensor on ``device``, with no host work after the first call.
+
+    Each device has a counter tensor, started from :func:`next_seed` on its first use (and again
+    after :func:`manual_seed`); a call hashes the counter into a seed and increments it in place.
+    Inside a captured CUDA graph the increment is part of the graph, so every replay draws new
+    seeds. The counter is not part of :func:`seed_state`: a run restored from a checkpoint draws
+    different (equally valid) seeds on this path.
+    """
+    key = str(device)
+    counter = _device_seeds.get(key)
+    if counter is None:
+        counter = torch.full((), next_seed(), dtype=torch.int64, device=device)
+        _device_seeds[key] = counter
+    seed = _splitmix_tensor(counter * _GOLDEN)
+    counter.add_(1)
+    return seed
+
+
+def _finalize(z: int) -> int:
+    """SplitMix64's finaliser of ``z mod 2⁶⁴`` (an unsigned 64-bit int; :func:`_splitmix_tensor` on the host)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def _mix(seed: int, block: int) -> int:

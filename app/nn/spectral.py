@@ -33,9 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 import torch
+
+from .probes import capturing, hash_bits, signs_from_bits, uniform_from_bits
+
+Seed = Union[int, torch.Tensor]
+"""A seed: a Python int, or a 0-dim int64 tensor on the input's device (:func:`app.nn.probes.device_seed`)."""
 
 
 class Geometry(Protocol):
@@ -82,12 +87,23 @@ def n_frequencies(sizes: Sequence[int]) -> int:
     return math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
 
 
+_MULTIPLICITY: dict[tuple, torch.Tensor] = {}
+
+
 def _multiplicity(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
     """``m_f`` along the real FFT's last axis (it depends on nothing else): 1 on the self-conjugate
-    planes (index 0 and, for even lengths, the Nyquist index), 2 elsewhere. Shape ``(M_last // 2 + 1,)``."""
+    planes (index 0 and, for even lengths, the Nyquist index), 2 elsewhere. Shape ``(M_last // 2 + 1,)``.
+    Cached per length and device, except while a graph is traced or captured (as :func:`_taus`)."""
+    key = (sizes[-1], str(device))
+    cached = _MULTIPLICITY.get(key)
+    if cached is not None:
+        return cached
     last = sizes[-1] // 2 + 1
     index = torch.arange(last, device=device)
-    return torch.where((index == 0) | (2 * index == sizes[-1]), 1.0, 2.0)
+    mult = torch.where((index == 0) | (2 * index == sizes[-1]), 1.0, 2.0)
+    if not capturing(device):
+        _MULTIPLICITY[key] = mult
+    return mult
 
 
 def _unravel(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -105,6 +121,10 @@ channel; a transient this small never sets a network's peak."""
 
 N_MIXES = 4
 """Random ±1 channel mixes whose spectra estimate the channel energy that picks the frequencies."""
+
+_STREAM = 1
+"""Hash stream (:func:`app.nn.probes.hash_bits`) of the sketch's draws: the channel mixes' signs,
+then the sampled frequencies' uniforms, all from one call."""
 
 UNIFORM_SHARE = 1 / 16
 """``ε``: the share of the sampling distribution spread evenly over the frequencies outside the
@@ -128,52 +148,60 @@ def _blocks(channels: int, per_channel: int, budget: int) -> Iterator[tuple[int,
 
 def _rfft(t: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """``rfftn(t, grid)`` over the spatial dimensions, in fp32, flattened to ``(B, C, F)``."""
-    return torch.fft.rfftn(t.float(), s=tuple(grid), dim=tuple(range(2, t.dim()))).flatten(2)
+    if t.dtype != torch.float32:
+        t = t.float()
+    return torch.fft.rfftn(t, s=tuple(grid), dim=tuple(range(2, t.dim()))).flatten(2)
 
 
 def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: int) -> torch.Tensor:
     """``rfftn(t, grid)`` at the flat half-spectrum indices ``flat`` ``(B, n)``, transformed in
     channel blocks (:func:`_blocks`). Shape ``(B, C, n)`` complex64."""
     batch, channels = t.shape[:2]
-    out = torch.empty((batch, channels, flat.shape[1]), device=t.device, dtype=torch.complex64)
-    for c0, c1 in _blocks(channels, _channel_cost(t, grid, int(t.dtype != torch.float32)), budget):
+    blocks = list(_blocks(channels, _channel_cost(t, grid, int(t.dtype != torch.float32)), budget))
+    if len(blocks) == 1:  # one FFT: gather straight from it
+        return _rfft(t, grid).gather(2, flat[:, None, :].expand(batch, channels, -1))
+    index = flat[:, None, :].expand(batch, blocks[0][1], -1)  # the last block may be narrower
+    parts = []
+    for c0, c1 in blocks:
         spec = _rfft(t[:, c0:c1], grid)
-        out[:, c0:c1] = spec.gather(2, flat[:, None, :].expand(batch, c1 - c0, -1))
+        parts.append(spec.gather(2, index[:, : c1 - c0]))
         del spec  # freed before the next block's FFT
-    return out
+    return torch.cat(parts, dim=1)
 
 
 def _channel_energy(
-    x: torch.Tensor, sizes: Sequence[int], generator: torch.Generator, budget: int
+    x: torch.Tensor, sizes: Sequence[int], signs: Optional[torch.Tensor], budget: int
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``Σ_c |X̂_b[c, f]|²`` per sample ``(B, F)``, fp32, from FFTs in blocks (:func:`_blocks`).
 
     Exact for up to :data:`N_MIXES` channels, otherwise estimated without bias from ``N_MIXES``
     random ±1 mixes of the channels (``E|Σ_c s_c X̂_c|² = Σ_c |X̂_c|²``), so the forward pass
-    transforms every channel only once more. The second value is ``X̂`` itself ``(B, C, F)``, for
+    transforms every channel only once more: ``signs`` ``(N_MIXES, C)`` (±1 in ``x``'s dtype) when
+    ``C > N_MIXES``, else None. The second value is ``X̂`` itself ``(B, C, F)``, for
     reuse, when the energy is exact and every channel fit one block, else ``None``.
     """
     batch, channels = x.shape[:2]
-    mixed = channels > N_MIXES
-    signs = None
-    if mixed:
-        signs = torch.randint(0, 2, (N_MIXES, channels), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+    mixed = signs is not None
     rows = N_MIXES if mixed else channels
     blocks = list(_blocks(rows, _channel_cost(x, sizes, int(mixed) + int(x.dtype != torch.float32)), budget))
-    energy = torch.zeros((batch, n_frequencies(sizes)), device=x.device, dtype=torch.float32)
+    energy = None
     for m0, m1 in blocks:
-        part = torch.einsum("mc,bc...->bm...", signs[m0:m1], x) if signs is not None else x[:, m0:m1]
+        if signs is not None:
+            part = torch.einsum("mc,bc...->bm...", signs if len(blocks) == 1 else signs[m0:m1], x)
+        else:
+            part = x if len(blocks) == 1 else x[:, m0:m1]
         spec = _rfft(part, sizes)
         del part
-        energy += torch.linalg.vector_norm(spec, dim=1).square_()
+        block_energy = torch.linalg.vector_norm(spec, dim=1).square_()
+        energy = block_energy if energy is None else energy.add_(block_energy)
         if signs is None and len(blocks) == 1:
             return energy, spec
-        del spec  # freed before the next block's FFT
-    return (energy / N_MIXES if mixed else energy), None
+        del spec, block_energy  # freed before the next block's FFT
+    return (energy.div_(N_MIXES) if mixed else energy), None
 
 
 def sketch(
-    x: torch.Tensor, sizes: Sequence[int], n_probes: int, generator: torch.Generator, budget: int
+    x: torch.Tensor, sizes: Sequence[int], n_probes: int, seed: Seed, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass's spectral sketch of ``x``.
 
@@ -182,7 +210,9 @@ def sketch(
         sizes: FFT lengths (:func:`fft_sizes`).
         n_probes: frequencies ``r >= 1`` kept per sample: ``max(1, r // 2)`` sampled, the rest the
             largest (all of them, unsampled, if ``r`` reaches the number of frequencies).
-        generator: draws the channel mixes and the sampled frequencies (on ``x``'s device).
+        seed: draws the channel mixes and the sampled frequencies (:data:`Seed`; counter-based
+            hashes on ``x``'s device, so the sketch has no generator state, reads nothing back to the
+            host and has static shapes: it can be captured in a CUDA graph).
         budget: largest FFT block, in real numbers (at least :data:`MIN_BLOCK`, at least one
             channel): the transient of the zero-padded copy and the spectrum of one channel block.
 
@@ -197,13 +227,17 @@ def sketch(
     freqs = n_frequencies(sizes)
     mult = _multiplicity(sizes, x.device)  # m_f = mult[f % last]
     last = mult.shape[0]
-    energy, spectrum = _channel_energy(x, sizes, generator, budget)
-    score = energy.sqrt_()
-    score.view(batch, -1, last).mul_(mult)
     n_drawn = max(1, n_probes // 2)
     n_top = min(n_probes - n_drawn, freqs)
     if n_top == freqs:
         n_drawn = 0
+    # every random number of the call from one hash: the channel mixes' signs, then the uniforms
+    n_signs = N_MIXES * channels if channels > N_MIXES else 0
+    bits = hash_bits(seed, (n_signs + batch * n_drawn,), _STREAM, x.device) if n_signs + n_drawn else None
+    signs = signs_from_bits(bits[:n_signs], x.dtype).view(N_MIXES, channels) if n_signs else None
+    energy, spectrum = _channel_energy(x, sizes, signs, budget)
+    score = energy.sqrt_()
+    score.view(batch, -1, last).mul_(mult)
     top = torch.topk(score, n_top, dim=1, sorted=False).indices  # (B, n_top)
     index, weight = top, mult[top % last]
     if n_drawn > 0:
@@ -215,7 +249,7 @@ def sketch(
         rest.scatter_(1, top, 0.0)
         cdf = torch.cumsum(rest, dim=1, dtype=torch.float64)
         total = cdf[:, -1:]
-        u = torch.rand((batch, n_drawn), generator=generator, device=x.device, dtype=torch.float64) * total
+        u = uniform_from_bits(bits[n_signs:].view(batch, n_drawn)) * total
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=freqs - 1)
         del cdf
         prob = (rest.gather(1, drawn).double() / total).float()
@@ -242,14 +276,33 @@ def _spectrum_at(t: torch.Tensor, grid: Sequence[int], coords: Sequence[torch.Te
     return torch.where(mirror[:, None, :], out.conj(), out)
 
 
-def _phase(coords: Sequence[torch.Tensor], sizes: Sequence[int], geom: Geometry) -> torch.Tensor:
-    """``exp(2πi Σ_d f_d τ_{k,d} / M_d)`` with ``τ = d·k − p`` for frequencies ``coords`` (one
-    tensor per dimension, any shape ``S``): shape ``(*S, K)``."""
-    taus = torch.cartesian_prod(*[(torch.arange(k, device=coords[0].device) * dl - p) / m
+_TAUS: dict[tuple, torch.Tensor] = {}
+""":func:`_taus` per geometry, FFT grid and device: a handful of small tensors for a whole network."""
+
+
+def _taus(geom: Geometry, sizes: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``τ_{k,d} / M_d`` (in turns) for every kernel offset ``k``: shape ``(D, K)``, fp32. Cached,
+    except while a graph is traced or captured (a tensor made then is only filled when it runs)."""
+    key = (geom.kernel, geom.dilation, geom.padding, tuple(sizes), str(device))
+    cached = _TAUS.get(key)
+    if cached is not None:
+        return cached
+    # τ = d·k − p for k = 0..K_d − 1: one arange per dimension
+    taus = torch.cartesian_prod(*[torch.arange(-p, k * dl - p, dl, device=device, dtype=torch.float32) / m
                                   for k, dl, p, m in zip(geom.kernel, geom.dilation, geom.padding, sizes)])
-    angle = torch.stack(coords, dim=-1).float() @ taus.view(-1, len(sizes)).t()  # in turns
+    taus = taus.view(-1, len(sizes)).t().contiguous()
+    if not capturing(device):
+        _TAUS[key] = taus
+    return taus
+
+
+def _phase(coords: torch.Tensor, sizes: Sequence[int], geom: Geometry) -> torch.Tensor:
+    """``exp(2πi Σ_d f_d τ_{k,d} / M_d)`` with ``τ = d·k − p`` for frequencies ``coords``
+    ``(*S, D)`` (integer coordinates, one per dimension): shape ``(*S, K)``."""
+    angle = coords.float() @ _taus(geom, sizes, coords.device)  # in turns
     # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
-    return torch.polar(torch.ones_like(angle), 2 * math.pi * torch.frac(angle))
+    angle = torch.frac(angle).mul_(2 * math.pi)
+    return torch.polar(torch.ones_like(angle), angle)
 
 
 def weight_grad(
@@ -269,14 +322,15 @@ def weight_grad(
     """
     batch, c_out = grad_y.shape[:2]
     c_in, r = values.shape[1], values.shape[2]
-    dims = len(sizes)
     half = (*sizes[:-1], sizes[-1] // 2 + 1)
     freq = _unravel(index, half)  # (B, r, D)
     # dY's spectrum on the strided grid: Û[f] = DFT_L(dY)[f mod L], L = M / s; the estimate needs conj(Û)
-    lengths = [m // s for m, s in zip(sizes, geom.stride)]
-    coords = [freq[..., d] for d in range(dims)]
-    u = _spectrum_at(grad_y, lengths, [f % n for f, n in zip(coords, lengths)], budget // 2).conj()
-    phase = _phase(coords, sizes, geom)  # (B, r, K)
+    if all(s == 1 for s in geom.stride):  # L = M: the kept indices are dY's own half-spectrum indices
+        u = _gather(grad_y, sizes, index, budget // 2).conj()
+    else:
+        lengths = [m // s for m, s in zip(sizes, geom.stride)]
+        u = _spectrum_at(grad_y, lengths, [freq[..., d] % n for d, n in enumerate(lengths)], budget // 2).conj()
+    phase = _phase(freq, sizes, geom)  # (B, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
     groups = geom.groups
     cog, cig = c_out // groups, c_in // groups
@@ -326,7 +380,7 @@ def transposed_weight_grad(
         big.append((small[..., d].view(batch, *([1] * dims), r) + offsets).expand(batch, *geom.stride, r).reshape(batch, -1, r))
     aliases = big[0].shape[1]
     spec_y = _spectrum_at(grad_y, sizes, [f.reshape(batch, -1) for f in big], budget // 2).view(batch, c_out, aliases, r)
-    phase = _phase(big, sizes, geom)  # (B, A, r, K)
+    phase = _phase(torch.stack(big, dim=-1), sizes, geom)  # (B, A, r, K)
     summed = torch.einsum("boaj,bajk->bojk", spec_y, phase)  # Σ over aliases: (B, C_out, r, K)
     scale = (weight / math.prod(sizes)).to(torch.complex64)  # (B, r)
     groups = geom.groups
