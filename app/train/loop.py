@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import app.nn
-from app.data import DataError, Preprocessing, build_loaders, load_datalist, scan_cases
+from app.data import DataError, Preprocessing, build_loaders, load_datalist, prepare_datalist, resolve_num_workers, scan_cases
 from app.models import (
     build_model,
     deep_supervision_loss,
@@ -261,11 +261,23 @@ class Trainer:
         self.class_names = [str(c) for c in self.datalist.class_names]
         self.n_classes = len(self.class_names)
         self.preprocessing = Preprocessing.from_dict(OmegaConf.to_container(data.preprocessing, resolve=True))
-        if self.cfg.trainer.get("scan_data", True):  # every voxel of every case, before any training step
+        n_cases = len(self.datalist.train) + len(self.datalist.val)
+        cache = str(data.get("cache", "disk"))
+        if cache == "none" and self.cfg.trainer.get("scan_data", True):  # every voxel, before any training step
             started = time.perf_counter()
             scan_cases(self.datalist.train + self.datalist.val, self.n_classes, self.preprocessing)
             log.info("data: scanned the voxels of %d cases in %.1f s (trainer.scan_data=false skips this)",
-                     len(self.datalist.train) + len(self.datalist.val), time.perf_counter() - started)
+                     n_cases, time.perf_counter() - started)
+        # Preprocess once (data.cache=disk or memory), checking every voxel on the same read; with
+        # data.cache=none the loaders preprocess at every access.
+        started = time.perf_counter()
+        self.prepared = prepare_datalist(
+            self.datalist, self.preprocessing, self.n_classes, cache, data.get("cache_dir"),
+            distributed=self.dist.enabled, threads=data.get("preprocess_threads"), progress=self.dist.is_main,
+        )
+        if cache != "none":
+            log.info("data: %d cases preprocessed and checked, or found stored, in %.1f s (data.cache=%s)",
+                     n_cases, time.perf_counter() - started, cache)
         log.info(
             "data: %s, %d training / %d validation cases, classes %s",
             root, len(self.datalist.train), len(self.datalist.val), self.class_names,
@@ -329,19 +341,28 @@ class Trainer:
 
     def setup_loaders(self) -> None:
         t, d = self.cfg.trainer, self.cfg.data
+        self.num_workers = resolve_num_workers(t.num_workers, self.device.type)
         self.train_loader, self.val_loader = build_loaders(
             self.datalist,
             self.preprocessing,
             patch_size=list(t.patch_size),
             n_classes=self.n_classes,
             batch_size=int(t.batch_size),
-            num_workers=int(t.num_workers),
+            num_workers=self.num_workers,
             cache=d.cache,
             cache_dir=d.cache_dir,
             num_samples=int(d.num_samples),
             distributed=self.dist.enabled,
             seed=int(t.seed),
+            prepared=self.prepared,
+            oversample_foreground=float(d.get("oversample_foreground", 0.33)),
+            augment_on=str(d.get("augment_on", "workers")),
+            prefetch_factor=int(t.get("prefetch_factor") or 2),
+            device_type=self.device.type,
         )
+        self.device_augmentation = getattr(self.train_loader, "device_augmentation", None)
+        log.info("data loader: %d worker processes (trainer.num_workers=%s), augmentation on the %s",
+                 self.num_workers, t.num_workers, "device" if self.device_augmentation is not None else "workers")
         n_batches = len(self.train_loader)
         if n_batches == 0:
             raise TrainingError(
@@ -428,8 +449,13 @@ class Trainer:
     def _batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """The training batches of one epoch; the loader restarts if the epoch needs more."""
         restart = 0
+        augment = self.device_augmentation
         while True:
-            yield from self.train_loader
+            for batch in self.train_loader:
+                if augment is not None:  # data.augment_on=device: augmented where the step runs
+                    image, label = augment.batch(*_to_device(batch, self.device), batch["seed"])
+                    batch = {"image": image, "label": label, "seed": batch["seed"]}
+                yield batch
             restart += 1
             sampler = getattr(self.train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -549,9 +575,13 @@ class Trainer:
             return
         self._warned_data_wait = True
         t, d = self.cfg.trainer, self.cfg.data
-        hint = f"raise trainer.num_workers (now {t.num_workers})"
+        hint = f"raise trainer.num_workers (now {self.num_workers})"
         if str(d.cache) == "none":
             hint += " or keep the pre-processed volumes with data.cache=memory or disk (now none)"
+        elif self.num_workers:
+            hint += f" or trainer.prefetch_factor (now {t.get('prefetch_factor', 2)})"
+        if self.device_augmentation is None and self.device.type == "cuda":
+            hint += ", or augment on the GPU with data.augment_on=device (now workers)"
         log.warning("%.0f%% of this epoch's wall time waited for data: %s", 100 * fraction, hint)
 
     def _count_bad_step(self, state: _EpochState, loss: float) -> None:
