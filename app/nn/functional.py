@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spectral
-from .probes import capturing, check_probe_options, device_seed, iter_blocks, next_seed
+from .probes import capturing, check_probe_options, device_seed, ensure_device_seed, iter_blocks, next_seed
 
 SKETCHES = ("offset", "shifted", "spectral")
 CONTROLS = ("mean", "none")
@@ -219,10 +219,12 @@ class _StochasticConv(torch.autograd.Function):
             else:
                 mu = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32) if control == "mean" else None  # (B, C_in)
                 state = (_sketch_input(x, mu, geom, n_probes, probes, sketch, seed, ctx.budget, tuple(y.shape[2:])), mu)
-            # Keep the seed as a tensor: under non-reentrant checkpointing, the recomputed forward's
-            # saved tensors (sketch and seed together) replace these, so they always match. A seed
-            # drawn on the device (:func:`_draw_seed`) is kept as it is: nothing is read on the host.
-            seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+            # The probe sketches regenerate their probes from the seed: keep it as a tensor, so that
+            # under non-reentrant checkpointing the recomputed forward's saved tensors (sketch and
+            # seed together) replace these and always match. The spectral backward needs the sketch
+            # only; not keeping its seed also keeps a compiled graph from saving the device seed
+            # counter (:func:`app.nn.probes.device_seed`), which later layers advance in place.
+            seed_t = None if sketch == "spectral" else torch.tensor(seed, dtype=torch.int64)
             ctx.save_for_backward(keep_weight, seed_t, *state)
         return y
 
@@ -466,8 +468,11 @@ def _draw_seed(seed: Optional[int], sketch: str, device: torch.device) -> Union[
     ``torch.Generator`` objects on the host and always take a host seed."""
     if seed is not None:
         return int(seed)
-    if sketch == "spectral" and capturing(device):
-        return device_seed(device)
+    if sketch == "spectral":
+        if capturing(device):
+            return device_seed(device)
+        if device.type == "cuda":
+            ensure_device_seed(device)  # so that a CUDA-graph capture after eager warm-up steps finds it
     return next_seed()
 
 

@@ -38,7 +38,7 @@ def manual_seed(seed: int) -> None:
     """
     with _seed_lock:
         _seed_stream.seed(int(seed))
-        _device_seeds.clear()
+        _restart_device_seeds()
 
 
 def seed_state() -> tuple:
@@ -51,7 +51,14 @@ def set_seed_state(state: tuple) -> None:
     """Restores a state returned by :func:`seed_state`."""
     with _seed_lock:
         _seed_stream.setstate(state)
-        _device_seeds.clear()
+        _restart_device_seeds()
+
+
+def _restart_device_seeds() -> None:
+    """Restarts :func:`device_seed`'s counters from the stream (the lock held), in place: a compiled
+    graph or a captured CUDA graph that reads a counter keeps reading the same tensor."""
+    for key in sorted(_device_seeds):
+        _device_seeds[key].fill_(_seed_stream.getrandbits(63))
 
 
 def next_seed() -> int:
@@ -80,8 +87,9 @@ def _splitmix_tensor(z: torch.Tensor) -> torch.Tensor:
 
 def hash_bits(seed: int | torch.Tensor, shape: Sequence[int], stream: int, device: torch.device) -> torch.Tensor:
     """64 random-looking bits per element of ``shape`` (int64), a function of ``(seed, stream, index)``
-    only: element ``i`` is SplitMix64 of ``base + (i + 1)·γ`` with ``base`` = SplitMix64 of the seed
-    offset by the stream. ``seed``: an int, or a 0-dim int64 tensor on ``device`` (then nothing is
+    only: element ``i`` is SplitMix64's finaliser of ``(base XOR (i + 1))·γ`` with ``base`` = the
+    finaliser of the seed offset by the stream (XOR before the product: ``torch.compile`` would fold
+    ``arange·γ`` into an integer index expression, which overflows its int64 printer). ``seed``: an int, or a 0-dim int64 tensor on ``device`` (then nothing is
     read on the host); equal seeds give equal bits either way. Draw everything a call needs at once
     and split it (:func:`uniform_from_bits`, :func:`signs_from_bits`): each draw is a dozen small ops."""
     salt = _signed(_mix(stream, 0))
@@ -90,7 +98,7 @@ def hash_bits(seed: int | torch.Tensor, shape: Sequence[int], stream: int, devic
     else:
         base = _signed(_finalize(int(seed) + salt))
     index = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64).view(tuple(shape))
-    return _splitmix_tensor(index * _GOLDEN + base)
+    return _splitmix_tensor((index ^ base) * _GOLDEN)
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -126,23 +134,48 @@ def capturing(device: torch.device) -> bool:
 _device_seeds: dict[str, torch.Tensor] = {}
 
 
+def ensure_device_seed(device: torch.device) -> None:
+    """Makes :func:`device_seed`'s counter for ``device`` if it has none (a dict lookup otherwise):
+    eager stochastic layers call it, so the warm-up steps before a CUDA-graph capture make it."""
+    if str(device) not in _device_seeds:
+        _new_counter(device)
+
+
 def device_seed(device: torch.device) -> torch.Tensor:
     """A fresh seed as a 0-dim int64 tensor on ``device``, with no host work after the first call.
 
-    Each device has a counter tensor, started from :func:`next_seed` on its first use (and again
-    after :func:`manual_seed`); a call hashes the counter into a seed and increments it in place.
+    Each device has a counter tensor, started from :func:`next_seed` on its first use (and
+    restarted in place by :func:`manual_seed`); a call increments it in place and hashes it into a
+    seed. Make it before ``torch.compile`` traces a model (:func:`ensure_device_seed`): made while
+    tracing, it breaks the graph.
     Inside a captured CUDA graph the increment is part of the graph, so every replay draws new
     seeds. The counter is not part of :func:`seed_state`: a run restored from a checkpoint draws
     different (equally valid) seeds on this path.
     """
-    key = str(device)
-    counter = _device_seeds.get(key)
+    counter = _device_seeds.get(str(device))
     if counter is None:
-        counter = torch.full((), next_seed(), dtype=torch.int64, device=device)
-        _device_seeds[key] = counter
-    seed = _splitmix_tensor(counter * _GOLDEN)
+        counter = _new_counter(device)
+    # advance first, then hash the new value: a compiled graph then derives the seed from an
+    # intermediate tensor, and never saves the counter itself (which later layers advance) for backward
     counter.add_(1)
-    return seed
+    return _splitmix_tensor(counter * _GOLDEN)
+
+
+@torch.compiler.disable
+def _new_counter(device: torch.device) -> torch.Tensor:
+    """Starts :func:`device_seed`'s counter for ``device`` from :func:`next_seed`. Runs outside any
+    traced graph (it reads the host stream, behind a lock); marked as a static address, so a
+    ``torch.compile(mode="reduce-overhead")`` graph that increments it keeps its CUDA graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"app.nn.probes.device_seed: no seed counter on {device} yet, and one made during a CUDA-graph "
+            f"capture would be reset on every replay; run one eager step first (stochastic layers make it), "
+            f"or call app.nn.probes.device_seed(torch.device({str(device)!r})) before capturing"
+        )
+    counter = torch.full((), next_seed(), dtype=torch.int64, device=device)
+    torch._dynamo.mark_static_address(counter)
+    _device_seeds[str(device)] = counter
+    return counter
 
 
 def _finalize(z: int) -> int:

@@ -199,8 +199,40 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[to
             label.as_subclass(torch.Tensor).to(device, non_blocking=True))
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``trainer.compile``: ``off`` (eager), or the ``torch.compile`` mode the training model is compiled
+with; ``reduce-overhead`` also replays the compiled forward and backward as CUDA graphs."""
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without a ``torch.compile`` wrapper (the module the optimizer and checkpoints see)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
+    model = _uncompiled(model)
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def compile_model(model: nn.Module, mode: str, backend: str, device: torch.device) -> nn.Module:
+    """``model`` compiled for training under ``trainer.compile=mode`` (``off``: ``model`` itself).
+
+    Exact and stochastic models alike. The spectral sketch draws its seeds on the device inside a
+    compiled graph (``app.nn.probes.device_seed``); its counter is made here, before tracing, so the
+    first graph has no break. ``backend`` other than ``inductor`` takes no mode (``aot_eager``
+    traces forward and backward without generating code: what the CPU tests use).
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`COMPILE_MODES`.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"trainer.compile must be one of {list(COMPILE_MODES)}, but got trainer.compile={mode!r}")
+    if mode == "off":
+        return model
+    app.nn.probes.ensure_device_seed(device)
+    if backend != "inductor":
+        return torch.compile(model, backend=backend)
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 class Trainer:
@@ -325,6 +357,10 @@ class Trainer:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
             )
+        self.compile_mode = str(cfg.trainer.get("compile", "off"))
+        model = compile_model(model, self.compile_mode, str(cfg.trainer.get("compile_backend", "inductor")), self.device)
+        if self.compile_mode != "off":
+            log.info("training model compiled: torch.compile mode=%s", self.compile_mode)
         self.model = model
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.allocator = None
@@ -648,7 +684,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             image, label = _to_device(batch, self.device)
-            sync = model.no_sync() if isinstance(model, DistributedDataParallel) and i < accum - 1 else nullcontext()
+            ddp = _uncompiled(model)
+            sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and i < accum - 1 else nullcontext()
+            if self.compile_mode in ("reduce-overhead", "max-autotune"):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are done with
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = model(image)

@@ -1,0 +1,181 @@
+"""Capturable training steps: the spectral sketch's counter-based draws (int and device seeds give
+the same numbers, the device counter advances, ``manual_seed`` resets it), a stochastic network
+traced by ``torch.compile`` in one graph, ``trainer.compile`` training like eager; on CUDA, a
+forward/backward captured in a CUDA graph that draws new frequencies on every replay."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import app.nn as snn
+from app.nn import probes, spectral
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.LeakyReLU(), nn.Conv3d(8, 8, 3, padding=1, stride=2),
+                        nn.LeakyReLU(), nn.ConvTranspose3d(8, 4, 2, stride=2))
+    return snn.convert(net, 16)
+
+
+def _z2(estimates: torch.Tensor, reference: torch.Tensor) -> float:
+    n = estimates.shape[0]
+    return ((estimates.mean(0) - reference) / (estimates.std(0) / math.sqrt(n)).clamp_min(1e-12)).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 12345, -(2**62), 2**63 - 1])
+def test_int_and_device_seeds_draw_the_same_numbers(seed):
+    cpu = torch.device("cpu")
+    for shape in [(7,), (3, 5)]:
+        a = probes.hash_bits(seed, shape, 1, cpu)
+        b = probes.hash_bits(torch.tensor(seed, dtype=torch.int64), shape, 1, cpu)
+        assert torch.equal(a, b)
+    x = torch.randn(2, 6, 9, 10, generator=torch.Generator().manual_seed(1))
+    one = spectral.sketch(x, (10, 11), 12, seed, 1 << 20)
+    two = spectral.sketch(x, (10, 11), 12, torch.tensor(seed, dtype=torch.int64), 1 << 20)
+    assert all(torch.equal(p, q) for p, q in zip(one, two))
+
+
+def test_hash_draws_are_uniform_and_signs_balanced():
+    u = probes.uniform_from_bits(probes.hash_bits(3, (200_000,), 2, torch.device("cpu")))
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)
+    expected = u.numel() / 20
+    assert ((counts - expected).pow(2) / expected).sum() < 60  # chi² with 19 dof: p ≈ 1e-6
+    s = probes.signs_from_bits(probes.hash_bits(3, (4, 50_000), 1, torch.device("cpu")), torch.float32)
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+    assert s.mean().abs() < 0.02 and (s[0] * s[1]).mean().abs() < 0.02
+
+
+def test_device_seed_advances_and_manual_seed_resets_it():
+    cpu = torch.device("cpu")
+    snn.manual_seed(5)
+    first = [int(probes.device_seed(cpu)) for _ in range(3)]
+    assert len(set(first)) == 3
+    snn.manual_seed(5)
+    assert [int(probes.device_seed(cpu)) for _ in range(3)] == first
+
+
+def test_compiled_spectral_network_is_one_graph_and_unbiased():
+    """Traced whole (no graph break from the sketch, its seed or the autograd function), and the
+    compiled backward's estimates average to the exact gradient."""
+    net = _small_net()
+    x = torch.rand(2, 2, 8, 8, 8)
+    probes.ensure_device_seed(x.device)
+    explanation = torch._dynamo.explain(lambda t: net(t).pow(2).sum())(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager")
+    with snn.exact(net):
+        (reference,) = torch.autograd.grad(net(x).pow(2).sum(), net[2].weight)
+    estimates = torch.stack([torch.autograd.grad(compiled(x).pow(2).sum(), net[2].weight)[0] for _ in range(48)])
+    assert not torch.equal(estimates[0], estimates[1])  # the device counter advanced between calls
+    assert 0.3 < _z2(estimates, reference) < 1.8
+
+
+def test_trainer_compile_trains_like_eager(tmp_path: Path):
+    """``trainer.compile`` on a stochastic run: the losses follow eager's (the sketch's draws differ,
+    so not bit for bit), and the checkpoint keys are the plain model's. Lean layers off: under
+    tracing, an in-place lean activation on a lean norm's output is refused by autograd (app.nn.lean)."""
+    from tests.test_train import tiny_cfg
+    from app.data import make_synthetic_dataset
+    from app.train import train
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=3, n_val=1, shape=(24, 24, 24))
+    common = ["trainer.max_epochs=1", "trainer.steps_per_epoch=3", "logger.fidelity_every=0", "sketch.lean=false"]
+    eager = train(tiny_cfg(tmp_path / "eager", root, *common))
+    compiled = train(tiny_cfg(tmp_path / "compiled", root, *common, "trainer.compile=default", "trainer.compile_backend=aot_eager"))
+    assert compiled["train/epoch_loss"] == pytest.approx(eager["train/epoch_loss"], rel=0.05)
+    keys = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model_state"]
+    assert not any("_orig_mod" in k for k in keys)
+
+
+def test_unknown_compile_mode_names_the_option():
+    from app.train.loop import compile_model
+
+    with pytest.raises(ValueError, match="trainer.compile must be one of"):
+        compile_model(nn.Linear(2, 2), "fast", "inductor", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spectral_forward_backward_captures_in_a_cuda_graph():
+    """One stochastic layer's forward and backward captured with ``torch.cuda.graph`` after eager
+    warm-up: every replay draws new frequencies (the seed counter advances inside the graph), and the
+    replays' weight gradients average to the exact one."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 8, 20, 20, 20, generator=gen) + 0.5).to(dev)
+    w = torch.randn(8, 8, 3, 3, 3, generator=gen).to(dev).requires_grad_()
+    gy = torch.randn(2, 8, 20, 20, 20, generator=gen).to(dev)
+    (reference,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, gy)
+
+    def step():
+        w.grad = None
+        snn.stochastic_conv3d(x, w, padding=1, n_probes=64, sketch="spectral").backward(gy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    w.grad = None
+    with torch.cuda.graph(graph):
+        snn.stochastic_conv3d(x, w, padding=1, n_probes=64, sketch="spectral").backward(gy)
+    estimates = []
+    for _ in range(200):
+        graph.replay()
+        estimates.append(w.grad.detach().clone())
+    torch.cuda.synchronize()
+    estimates = torch.stack(estimates)
+    assert not torch.equal(estimates[0], estimates[1])
+    assert 0.5 < _z2(estimates.double(), reference.double()) < 1.6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+def test_compiled_converted_dynunet_step_on_cuda(mode):
+    """A converted (stochastic + lean) network compiled with ``mode`` trains under bf16 autocast:
+    finite loss and gradients, and the loss falls over a few AdamW steps, as eager's does."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.InstanceNorm3d(16, affine=True), nn.LeakyReLU(0.01),
+                        nn.Conv3d(16, 16, 3, padding=1), nn.InstanceNorm3d(16, affine=True), nn.LeakyReLU(0.01),
+                        nn.Conv3d(16, 2, 1))
+    snn.convert(net, 64, lean=True)
+    net.to(dev)
+    probes.ensure_device_seed(dev)
+    compiled = torch.compile(net, mode=mode)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, capturable=True)
+    x = torch.rand(2, 1, 32, 32, 32, device=dev)
+    target = (x > 0.5).long().squeeze(1)
+    losses = []
+    for _ in range(8):
+        torch.compiler.cudagraph_mark_step_begin()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x)
+        loss = F.cross_entropy(logits.float(), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+    assert losses[-1] < losses[0]
