@@ -296,3 +296,17 @@ def test_training_results_are_identical_with_and_without_the_cache(dataset: Path
     assert states["none"]["history"][0]["val/mean_dice"] == states["disk"]["history"][0]["val/mean_dice"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 4
     assert json.loads(next((tmp_path / "cache").glob("*.json")).read_text())["version"] == preprocess_module.PREPROCESS_VERSION
+
+
+def test_training_with_augmentation_on_the_device(dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import math
+
+    from app.train import train
+    from test_train import tiny_cfg
+
+    with caplog.at_level("INFO", logger="app.train.loop"):
+        metrics = train(tiny_cfg(tmp_path / "run", None, "data=folder", f"data.root={dataset}", "data.augment_on=device",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "logger.fidelity_every=0",
+                                 "trainer.num_workers=auto"))
+    assert math.isfinite(metrics["train/epoch_loss"]) and metrics["global_step"] == 2
+    assert "augmentation on the device" in caplog.text and "(trainer.num_workers=auto)" in caplog.text
