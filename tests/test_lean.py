@@ -102,7 +102,7 @@ def test_lean_batch_norm_gradcheck():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
     def f(x_, w_, b_):
-        return _LeanNorm.apply(x_, w_, b_, "batch", 0, 1e-5, torch.float64, None)
+        return _LeanNorm.apply(x_, w_, b_, "batch", 0, 1e-5, torch.float64, None, False)
 
     torch.testing.assert_close(f(x, w, b), F.batch_norm(x, None, None, w, b, training=True))
     assert torch.autograd.gradcheck(f, (x, w, b))

@@ -7,11 +7,17 @@ import fnmatch
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
-from .lean import LEAN_OF, STORAGE_DTYPES, LeanStorageMixin
+from .lean import FP8_DTYPES, LEAN_OF, STORAGE_DTYPES, LeanNormMixin, LeanStorageMixin
 from .functional import DEFAULT_N_PROBES, DEFAULT_SKETCH
 from .modules import STOCHASTIC_OF, StochasticConvMixin
+
+try:  # the lean DynUNet blocks need MONAI; without it, convert leaves blocks alone
+    from .blocks import BLOCK_OF, own_norms
+except ImportError:  # pragma: no cover
+    BLOCK_OF, own_norms = {}, None
 
 
 def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
@@ -49,9 +55,13 @@ def convert(
             ``"shifted"`` for ``"offset"`` (:func:`app.nn.functional.resolve_sketch`).
         lean: also swap ReLU/LeakyReLU for 1-bit-mask versions, PReLU/GELU for versions keeping
             their input in ``lean_storage`` dtype, and instance/group/batch norms for versions keeping
-            only the normalised tensor (``app.nn.lean``): the whole block gets lean.
+            only the normalised tensor (``app.nn.lean``): the whole block gets lean. MONAI's
+            DynUNet blocks (``UnetBasicBlock``, ``UnetResBlock``, ``UnetUpBlock``,
+            ``DynUNetSkipLayer``) become their :mod:`app.nn.blocks` subclasses, whose forward pass
+            holds fewer tensors (no concatenation in the up blocks, norms in place).
         lean_storage: dtype the lean norms, PReLU and GELU keep their tensor in: ``"bfloat16"``
-            (default), ``"float16"`` or ``"float32"``.
+            (default), ``"float16"``, ``"float32"``, or, for measurements, ``"float8_e4m3fn"`` /
+            ``"float8_e5m2"`` (see ``app.nn.lean.STORAGE_DTYPES``).
 
     Returns:
         ``module`` itself.
@@ -61,10 +71,15 @@ def convert(
     for name, layer in module.named_modules():
         if not _selected(name, include, exclude):
             continue
+        if lean and type(layer) in BLOCK_OF:
+            layer.__class__ = BLOCK_OF[type(layer)]
+            continue
         if lean and (type(layer) in LEAN_OF or isinstance(layer, LeanStorageMixin)):
             layer.__class__ = LEAN_OF.get(type(layer), type(layer))
             if isinstance(layer, LeanStorageMixin):
-                layer.storage = STORAGE_DTYPES[lean_storage]
+                storage = STORAGE_DTYPES[lean_storage]
+                # fp8 is for the norms' x̂; PReLU and GELU keep theirs in bf16
+                layer.storage = storage if isinstance(layer, LeanNormMixin) or storage not in FP8_DTYPES else torch.bfloat16
             continue
         if isinstance(layer, StochasticConvMixin):
             target = type(layer)
@@ -74,6 +89,8 @@ def convert(
                 continue
         layer.__class__ = target
         layer.set_sketch_options(n_probes, probes, sketch, control, min_voxels)
+    if lean and own_norms is not None:
+        own_norms(module)
     return module
 
 

@@ -27,7 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+}
+"""``lean_storage`` names -> dtypes. The fp8 ones are for measuring the norms' ``x̂`` at 1 byte per
+element (``app.nn.convert`` keeps PReLU's and GELU's tensors in bfloat16 for them); not a default."""
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -233,55 +240,104 @@ def lean_gelu(x: torch.Tensor, approximate: str = "none", storage: torch.dtype =
     return _LeanGELU.apply(x, approximate, storage)
 
 
+NORM_CHUNK = 1 << 24
+"""Smallest chunk, in elements, in which the lean norms work through a tensor (64 MiB in fp32).
+Tensors are worked through in at most ``NORM_CHUNKS`` chunks of at least this size, so the
+full-precision transients of a norm are an eighth of its tensor at most, and small tensors take one
+chunk (one set of kernel launches)."""
+
+NORM_CHUNKS = 8
+"""Most chunks a lean norm splits a large tensor into (see :data:`NORM_CHUNK`)."""
+
+
+def _row_chunks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """``(r0, r1)`` ranges of ``rows`` rows of ``row_elements`` elements each, chunked as
+    :data:`NORM_CHUNK` says (at least one row per chunk)."""
+    target = max(NORM_CHUNK, -(-rows * row_elements // NORM_CHUNKS))
+    width = max(1, min(rows, target // max(1, row_elements)))
+    return [(r0, min(rows, r0 + width)) for r0 in range(0, rows, width)]
+
+
 class _LeanNorm(torch.autograd.Function):
     """Normalisation over groups of a ``(B, C, *S)`` tensor keeping only ``x̂`` and ``σ⁻¹``.
 
     ``mode="group"`` normalises each sample over ``(C / G) · prod(S)`` elements per group;
     ``mode="batch"`` normalises each channel over ``B · prod(S)`` elements. Computation is in
-    fp32 (or the input's dtype if wider); the backward pass allocates one full-size tensor.
+    fp32 (or the input's dtype if wider), chunk by chunk (:func:`_row_chunks`: whole groups, or
+    whole channels for ``"batch"``), so neither pass holds a full-size full-precision copy: the
+    forward pass allocates the kept ``x̂`` and, unless ``inplace``, the output; the backward pass
+    the input gradient, in the incoming gradient's dtype. ``inplace`` writes the output over ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mode: str, groups: int, eps: float, storage: torch.dtype, stats_out: Optional[list]):
+    def forward(ctx, x, weight, bias, mode: str, groups: int, eps: float, storage: torch.dtype,
+                stats_out: Optional[list], inplace: bool):
         batch, channels = x.shape[:2]
         compute = torch.promote_types(x.dtype, torch.float32)
-        if mode == "group":
-            view = x.to(compute).reshape(batch, groups, -1)
-            var, mean = torch.var_mean(view, dim=2, unbiased=False, keepdim=True)
-        else:
-            view = x.to(compute).reshape(batch, channels, -1)
-            var, mean = torch.var_mean(view, dim=(0, 2), unbiased=False, keepdim=True)
-            if stats_out is not None:
-                stats_out += [mean.view(-1), var.view(-1), view.shape[0] * view.shape[2]]
+        inplace = inplace and x.is_contiguous()
+        source = x if x.is_contiguous() else x.contiguous()
+        out = source if inplace else torch.empty_like(source)
+        kept = torch.empty(x.shape, dtype=storage, device=x.device)
+        rows = groups if mode == "group" else channels
+        per_row = channels // rows  # channels per row
+        xv, ov, kv = (t.view(batch, rows, -1) for t in (source, out, kept))
+        stat_shape = (batch, rows) if mode == "group" else (rows,)
+        mean = torch.empty(stat_shape, dtype=compute, device=x.device)
+        var = torch.empty(stat_shape, dtype=compute, device=x.device)
+        row_elements = xv.shape[2] * (1 if mode == "group" else batch)
+        for r0, r1 in _row_chunks(rows, row_elements):
+            part = xv[:, r0:r1].to(compute, copy=True)
+            if mode == "group":
+                v, m = torch.var_mean(part, dim=2, unbiased=False, keepdim=True)
+                mean[:, r0:r1], var[:, r0:r1] = m.view(batch, -1), v.view(batch, -1)
+            else:
+                v, m = torch.var_mean(part, dim=(0, 2), unbiased=False, keepdim=True)
+                mean[r0:r1], var[r0:r1] = m.view(-1), v.view(-1)
+            part.sub_(m).mul_(torch.rsqrt(v + eps))
+            kv[:, r0:r1] = part
+            c0, c1 = r0 * per_row, r1 * per_row
+            if weight is not None or bias is not None:
+                affine = part.view(batch, c1 - c0, -1)
+                if weight is not None:
+                    affine.mul_(weight[c0:c1].to(compute).view(1, -1, 1))
+                if bias is not None:
+                    affine.add_(bias[c0:c1].to(compute).view(1, -1, 1))
+            ov[:, r0:r1] = part
+            del part
         invstd = torch.rsqrt(var + eps)
-        x_hat = torch.empty(x.shape, dtype=compute, device=x.device)  # a base tensor, not a view: it may become the output
-        torch.sub(view, mean, out=x_hat.view(view.shape)).mul_(invstd)
-        kept = x_hat.to(storage)
-        # With reduced-precision storage the full-precision x̂ is free to become the output in place.
-        y = x_hat if kept.data_ptr() != x_hat.data_ptr() else x_hat.clone()
-        shape = (1, channels) + (1,) * (x.dim() - 2)
-        if weight is not None:
-            y.mul_(weight.to(compute).view(shape))
-        if bias is not None:
-            y.add_(bias.to(compute).view(shape))
+        if mode == "group":
+            invstd = invstd.view(batch, groups, 1)
+        else:
+            invstd = invstd.view(1, channels, 1)
+            if stats_out is not None:
+                stats_out += [mean, var, batch * xv.shape[2]]
         ctx.mode, ctx.groups, ctx.has_weight, ctx.has_bias = mode, groups, weight is not None, bias is not None
         ctx.save_for_backward(kept, invstd, weight)
-        out = y.to(x.dtype)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x
         if weight is None and bias is None:  # out is x̂: a lean PReLU right after may keep this same copy
             NORM_OUTPUT_COPIES.offer(out, kept)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x_hat, invstd, weight = ctx.saved_tensors
         batch, channels = x_hat.shape[:2]
         compute = torch.promote_types(grad_y.dtype, torch.float32)
-        dy = grad_y.to(compute).reshape(batch, channels, -1)
-        # The result is built in place in a fresh copy of x̂ (never in the saved tensor itself).
-        out = x_hat.to(compute, copy=True).view(batch, channels, -1)
-        sum_dy = dy.sum(2)  # (B, C)
-        sum_dy_xhat = torch.bmm(dy.view(batch * channels, 1, -1), out.view(batch * channels, -1, 1)).view(batch, channels)
-        gamma = weight.to(compute) if ctx.has_weight else dy.new_ones(channels)
+        dy = grad_y.reshape(batch, channels, -1)  # a view when grad_y is contiguous
+        xh = x_hat.view(batch, channels, -1)
+        chunks = _row_chunks(channels, batch * xh.shape[2])
+        # pass 1: per-channel Σ dy and Σ dy · x̂, in fp32, chunk by chunk
+        sum_dy = torch.empty((batch, channels), dtype=compute, device=grad_y.device)
+        sum_dy_xhat = torch.empty_like(sum_dy)
+        for c0, c1 in chunks:
+            d, h = dy[:, c0:c1].to(compute), xh[:, c0:c1].to(compute)
+            sum_dy[:, c0:c1] = d.sum(2)
+            sum_dy_xhat[:, c0:c1] = torch.bmm(d.reshape(-1, 1, d.shape[2]), h.reshape(-1, h.shape[2], 1)).view(batch, -1)
+            del d, h
+        gamma = weight.to(compute) if ctx.has_weight else sum_dy.new_ones(channels)
         grad_w = sum_dy_xhat.sum(0).to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
         grad_b = sum_dy.sum(0).to(grad_y.dtype if weight is None else weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = None
@@ -289,7 +345,7 @@ class _LeanNorm(torch.autograd.Function):
             # dx = σ⁻¹ (γ dy − mean(γ dy) − x̂ · mean(γ dy x̂)), means over each normalisation group
             if ctx.mode == "group":
                 per_group = channels // ctx.groups
-                count = per_group * out.shape[2]
+                count = per_group * xh.shape[2]
                 mean_g = (gamma * sum_dy).view(batch, ctx.groups, per_group).sum(2) / count
                 mean_gx = (gamma * sum_dy_xhat).view(batch, ctx.groups, per_group).sum(2) / count
                 inv = invstd.view(batch, ctx.groups)
@@ -297,27 +353,38 @@ class _LeanNorm(torch.autograd.Function):
                 scale_x, shift = expand(-mean_gx * inv), expand(-mean_g * inv)
                 scale_dy = gamma * expand(inv)
             else:
-                count = batch * out.shape[2]
+                count = batch * xh.shape[2]
                 inv = invstd.view(channels)
                 mean_g = gamma * sum_dy.sum(0) / count
                 mean_gx = gamma * sum_dy_xhat.sum(0) / count
                 scale_x, shift, scale_dy = (-mean_gx * inv).expand(batch, -1), (-mean_g * inv).expand(batch, -1), (gamma * inv).expand(batch, -1)
-            out.mul_(scale_x.unsqueeze(2)).addcmul_(dy, scale_dy.unsqueeze(2)).add_(shift.unsqueeze(2))
-            grad_x = out.view(grad_y.shape).to(grad_y.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            # pass 2: the input gradient, chunk by chunk, in the incoming gradient's dtype
+            grad_x = torch.empty((batch, channels, xh.shape[2]), dtype=grad_y.dtype, device=grad_y.device)
+            for c0, c1 in chunks:
+                part = xh[:, c0:c1].to(compute, copy=True)  # never the saved tensor itself
+                part.mul_(scale_x[:, c0:c1, None]).addcmul_(dy[:, c0:c1], scale_dy[:, c0:c1, None]).add_(shift[:, c0:c1, None])
+                grad_x[:, c0:c1] = part
+                del part
+            grad_x = grad_x.view(grad_y.shape)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def lean_group_norm(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-    eps: float = 1e-5, storage: torch.dtype = torch.bfloat16,
+    eps: float = 1e-5, storage: torch.dtype = torch.bfloat16, inplace: bool = False,
 ) -> torch.Tensor:
     """Group normalisation (instance norm: ``num_groups = C``) keeping ``x̂`` in ``storage`` dtype.
 
     Args:
         x: ``(B, C, *S)``; ``C`` divisible by ``num_groups``.
         weight, bias: optional per-channel affine ``(C,)``.
+        eps: added to the variance. Default 1e-5.
+        storage: dtype of the kept ``x̂`` (:data:`STORAGE_DTYPES`). Default bfloat16.
+        inplace: write the output over ``x`` (contiguous ``x`` only; ignored otherwise) instead of
+            allocating it. ``x`` must not be needed afterwards, by the caller or by autograd.
+            Default False.
     """
-    return _LeanNorm.apply(x, weight, bias, "group", num_groups, eps, storage, None)
+    return _LeanNorm.apply(x, weight, bias, "group", num_groups, eps, storage, None, inplace)
 
 
 class LeanStorageMixin:
@@ -329,32 +396,42 @@ class LeanStorageMixin:
         return self.training and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
 
-class LeanInstanceNormNd(LeanStorageMixin):
+class LeanNormMixin(LeanStorageMixin):
+    """``inplace``: the lean norm writes its output over its input (in training, with gradients).
+
+    Off by default, as in torch's norms. The lean blocks (:mod:`app.nn.blocks`) turn it on for the
+    norms that read a convolution output the block owns and nothing else reads.
+    """
+
+    inplace: bool = False
+
+
+class LeanInstanceNormNd(LeanNormMixin):
     """Forward of the lean instance norms (without running statistics; torch's layer otherwise)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or not self._lean_active(input) or input.dim() != self._get_no_batch_dim() + 1:
             return super().forward(input)
-        return lean_group_norm(input, input.shape[1], self.weight, self.bias, self.eps, self.storage)
+        return lean_group_norm(input, input.shape[1], self.weight, self.bias, self.eps, self.storage, self.inplace)
 
 
-class LeanGroupNorm(LeanStorageMixin, nn.GroupNorm):
+class LeanGroupNorm(LeanNormMixin, nn.GroupNorm):
     """``torch.nn.GroupNorm`` keeping only ``x̂`` (in ``storage`` dtype) and ``σ⁻¹`` for backward."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._lean_active(input):
             return super().forward(input)
-        return lean_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.storage)
+        return lean_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.storage, self.inplace)
 
 
-class LeanBatchNormNd(LeanStorageMixin):
+class LeanBatchNormNd(LeanNormMixin):
     """Forward of the lean batch norms (training with running statistics; torch's layer otherwise)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self._lean_active(input) and self.track_running_stats and self.momentum is not None):
             return super().forward(input)
         stats: list = []
-        out = _LeanNorm.apply(input, self.weight, self.bias, "batch", 0, self.eps, self.storage, stats)
+        out = _LeanNorm.apply(input, self.weight, self.bias, "batch", 0, self.eps, self.storage, stats, self.inplace)
         mean, var, count = stats
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
