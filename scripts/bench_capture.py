@@ -1,0 +1,72 @@
+"""Training-step time of variants, eager and ``torch.compile``d (issue 12's comparison).
+
+Each row: one ``app.measure.TrainingStep`` (forward under the variant's autocast, DiceCE, backward,
+AdamW) of the benchmark network at one patch size, with its model either eager or compiled with
+``--modes`` (``reduce-overhead`` replays forward and backward as CUDA graphs). The median of
+``--repeat`` steps after ``--warmup`` (compilation happens in the warm-up), and the ratio against
+the first variant at the same size and mode. Prints markdown.
+
+    python scripts/bench_capture.py --sizes 64 128 256 --batch-size 1 \
+        --variants amp stochastic+lean+amp --modes off reduce-overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import app.nn
+from app.bench.networks import add_model_arguments, bench_model_config
+from app.measure import environment, markdown_table
+from app.measure.step import TrainingStep
+from app.measure.timing import synchronize, timed_calls
+from app.measure.variants import parse_variant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=["amp", "stochastic+lean+amp"])
+    parser.add_argument("--modes", nargs="+", default=["off", "reduce-overhead"],
+                        help="off (eager) or torch.compile modes. Default off reduce-overhead")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for size in args.sizes:
+        patch = (size,) * 3
+        cfg = bench_model_config(args.model, args.model_arg, patch)
+        for mode in args.modes:
+            first = None
+            for name in args.variants:
+                torch._dynamo.reset()
+                step = TrainingStep(cfg, parse_variant(name), patch, args.batch_size, app.nn.DEFAULT_N_PROBES, {}, device)
+                if mode != "off":
+                    app.nn.probes.ensure_device_seed(device)
+                    step.model = torch.compile(step.model, mode=None if mode == "default" else mode)
+
+                def run() -> None:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    step()
+
+                for _ in range(args.warmup):
+                    run()
+                synchronize(device)
+                ms = statistics.median(timed_calls(run, device, args.repeat)) * 1e3
+                first = ms if first is None else first
+                rows.append([f"{size}^3", str(args.batch_size), mode, name, f"{ms:.1f}", f"{ms / first:.2f}"])
+                del step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"# Training step, {args.model} — {environment()}\n")
+    print(markdown_table(["volume", "batch", "compile", "variant", "step ms", "vs first variant"], rows))
+
+
+if __name__ == "__main__":
+    main()
