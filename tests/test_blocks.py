@@ -97,7 +97,7 @@ def test_lean_dynunet_with_chunked_norms_matches_monai(res_block, monkeypatch):
     """The whole network, with the norms working through their tensors in several chunks."""
     from app.models import build_model
 
-    monkeypatch.setattr(lean_module, "NORM_CHUNK", 256)
+    monkeypatch.setattr(lean_module, "CHUNK", 256)
     cfg = {"name": "dynunet", "in_channels": 1, "out_channels": 3, "spatial_dims": 3, "kernel_size": [3, 3, 3],
            "strides": [1, 2, 2], "filters": [4, 8, 8], "res_block": res_block}
     _compare(lambda: build_model(cfg), [torch.randn(1, 1, 12, 8, 8)])
@@ -160,7 +160,7 @@ def test_in_place_norm_returns_its_input_with_the_same_gradients():
 @pytest.mark.parametrize("mode", ["group", "batch"])
 def test_chunked_norm_gradcheck(mode, monkeypatch):
     """Several chunks (one group or one channel each) give the same maths: float64 gradcheck."""
-    monkeypatch.setattr(lean_module, "NORM_CHUNK", 8)
+    monkeypatch.setattr(lean_module, "CHUNK", 8)
     torch.manual_seed(0)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -186,3 +186,21 @@ def test_fp8_storage_keeps_one_byte_per_element(storage):
     assert saved.bytes == x.numel() * 1 + 2 * 4 * 4  # x̂ in fp8, σ⁻¹ (B, C) in fp32
     gx = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())[0]
     assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunked_sign_mask_activation_matches_one_chunk(inplace, monkeypatch):
+    """The activation's mask packed and unpacked in chunks of whole bytes (a partial last chunk):
+    the same output, mask and gradient as in one chunk."""
+    base = torch.randn(2, 3, 5, 7)  # 210 elements: 7 chunks of 32 (an eighth, rounded up to whole bytes), the last of 18
+    results = []
+    for chunk in (1 << 24, 24):
+        monkeypatch.setattr(lean_module, "CHUNK", chunk)
+        x = base.clone().requires_grad_()
+        h = x * 1.0
+        y = lean_module.lean_leaky_relu(h, 0.1, inplace)
+        assert len(lean_module._row_chunks(210, 1, multiple=8)) == (1 if chunk > 210 else 7)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+        results.append((y.detach().clone(), y.grad_fn.saved_tensors[0].clone(), torch.autograd.grad(y, x, gy)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    torch.testing.assert_close(results[0][0], torch.nn.functional.leaky_relu(base, 0.1), rtol=0, atol=0)

@@ -37,6 +37,25 @@ element (``app.nn.convert`` keeps PReLU's and GELU's tensors in bfloat16 for the
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+CHUNK = 1 << 24
+"""Smallest chunk, in elements, in which the lean layers work through a tensor (64 MiB in fp32).
+Tensors are worked through in at most :data:`CHUNKS` chunks of at least this size, so the
+transients of a lean layer (a full-precision copy in a norm, the sign mask of an activation) are an
+eighth of its tensor at most, and small tensors take one chunk (one set of kernel launches)."""
+
+CHUNKS = 8
+"""Most chunks a lean layer splits a large tensor into (see :data:`CHUNK`)."""
+
+
+def _row_chunks(rows: int, row_elements: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """``(r0, r1)`` ranges of ``rows`` rows of ``row_elements`` elements each, chunked as
+    :data:`CHUNK` says (at least one row per chunk; chunk widths a multiple of ``multiple``)."""
+    target = max(CHUNK, -(-rows * row_elements // CHUNKS))
+    width = max(1, min(rows, target // max(1, row_elements)))
+    width = -(-width // multiple) * multiple
+    return [(r0, min(rows, r0 + width)) for r0 in range(0, rows, width)]
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Packs a boolean tensor into ``ceil(numel / 8)`` bytes (little-endian bit order)."""
     flat = mask.reshape(-1)
@@ -59,24 +78,44 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _SignMaskActivation(torch.autograd.Function):
-    """``y = x`` where ``x > 0`` else ``slope · x``, keeping only the packed mask ``x > 0``."""
+    """``y = x`` where ``x > 0`` else ``slope · x``, keeping only the packed mask ``x > 0``.
+
+    Contiguous tensors are worked through in chunks (:func:`_row_chunks`, whole bytes of the mask):
+    the boolean mask and its packing transients exist for one chunk at a time, in the forward pass
+    and in the backward pass.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, slope: float, inplace: bool) -> torch.Tensor:
-        positive = x > 0
         ctx.slope, ctx.shape = slope, x.shape
-        ctx.save_for_backward(pack_bits(positive))
+        if x.is_contiguous():
+            flat = x.view(-1)
+            packed = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=x.device)
+            for start, stop in _row_chunks(flat.numel(), 1, multiple=8):
+                packed[start // 8: -(-stop // 8)] = pack_bits(flat[start:stop] > 0)
+        else:
+            packed = pack_bits(x > 0)
+        ctx.save_for_backward(packed)
         if inplace:
             ctx.mark_dirty(x)
             return F.leaky_relu_(x, slope)
         return F.leaky_relu(x, slope)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         (packed,) = ctx.saved_tensors
-        positive = unpack_bits(packed, ctx.shape)
-        grad_x = grad_y * ctx.slope
-        return torch.where(positive, grad_y, grad_x, out=grad_x), None, None
+        if not grad_y.is_contiguous():
+            positive = unpack_bits(packed, ctx.shape)
+            grad_x = grad_y * ctx.slope
+            return torch.where(positive, grad_y, grad_x, out=grad_x), None, None
+        grad_x = torch.empty_like(grad_y)
+        dy, dx = grad_y.view(-1), grad_x.view(-1)
+        for start, stop in _row_chunks(dy.numel(), 1, multiple=8):
+            positive = unpack_bits(packed[start // 8: -(-stop // 8)], (stop - start,))
+            part = dy[start:stop]
+            torch.where(positive, part, part * ctx.slope, out=dx[start:stop])
+        return grad_x, None, None
 
 
 def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
@@ -238,24 +277,6 @@ def lean_gelu(x: torch.Tensor, approximate: str = "none", storage: torch.dtype =
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.gelu(x, approximate=approximate)
     return _LeanGELU.apply(x, approximate, storage)
-
-
-NORM_CHUNK = 1 << 24
-"""Smallest chunk, in elements, in which the lean norms work through a tensor (64 MiB in fp32).
-Tensors are worked through in at most ``NORM_CHUNKS`` chunks of at least this size, so the
-full-precision transients of a norm are an eighth of its tensor at most, and small tensors take one
-chunk (one set of kernel launches)."""
-
-NORM_CHUNKS = 8
-"""Most chunks a lean norm splits a large tensor into (see :data:`NORM_CHUNK`)."""
-
-
-def _row_chunks(rows: int, row_elements: int) -> list[tuple[int, int]]:
-    """``(r0, r1)`` ranges of ``rows`` rows of ``row_elements`` elements each, chunked as
-    :data:`NORM_CHUNK` says (at least one row per chunk)."""
-    target = max(NORM_CHUNK, -(-rows * row_elements // NORM_CHUNKS))
-    width = max(1, min(rows, target // max(1, row_elements)))
-    return [(r0, min(rows, r0 + width)) for r0 in range(0, rows, width)]
 
 
 class _LeanNorm(torch.autograd.Function):
