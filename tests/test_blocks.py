@@ -204,3 +204,25 @@ def test_chunked_sign_mask_activation_matches_one_chunk(inplace, monkeypatch):
         results.append((y.detach().clone(), y.grad_fn.saved_tensors[0].clone(), torch.autograd.grad(y, x, gy)[0]))
     assert all(torch.equal(a, b) for a, b in zip(*results))
     torch.testing.assert_close(results[0][0], torch.nn.functional.leaky_relu(base, 0.1), rtol=0, atol=0)
+
+
+def test_storage_errors_grow_as_storage_narrows_and_vanish_at_float32():
+    """app.nn.storage_errors: fp32 storage reproduces torch's gradients; bf16 < e4m3 < e5m2."""
+    from app.nn.storage import storage_errors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.InstanceNorm3d(4, affine=True),
+                                torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(4, 2, 3, padding=1), torch.nn.InstanceNorm3d(2))
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return (m(x) - y).square().mean()
+
+    batches = [(torch.randn(2, 2, 6, 6, 6), torch.randn(2, 2, 6, 6, 6)) for _ in range(2)]
+    results = storage_errors(model, loss_fn, *batches, storages=("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
+    errors = [r.network for r in results]
+    assert errors[0] < 1e-6 and errors[0] < errors[1] < errors[2] < errors[3], errors
+    assert all(r.sgd_noise > 0.1 for r in results)
+    assert type(model[1]) is torch.nn.InstanceNorm3d  # the model itself is left alone
+    with pytest.raises(ValueError, match="storages"):
+        storage_errors(model, loss_fn, *batches, storages=("int8",))

@@ -54,6 +54,7 @@ from .modules import (
     StochasticConvTranspose3d,
 )
 from .probes import PROBE_FAMILIES, manual_seed
+from .storage import StorageError, storage_errors
 
 __all__ = [
     "functional",
@@ -74,6 +75,8 @@ __all__ = [
     "PROBE_FAMILIES",
     "SavedTensorCounter",
     "PeakMemory",
+    "StorageError",
+    "storage_errors",
     "LeanBatchNorm1d",
     "LeanBatchNorm2d",
     "LeanBatchNorm3d",
