@@ -28,6 +28,10 @@ PROBE_FAMILIES = ("rademacher", "gaussian", "orthogonal")
 _MASK64 = (1 << 64) - 1
 _seed_lock = threading.Lock()
 _seed_stream = random.Random()
+# The device counters start from their own stream, derived from the host stream's seed or state
+# without drawing from it: the host stream's draws never depend on which counters exist.
+_device_stream = random.Random()
+_DEVICE_SALT = 0x5DEECE66D
 
 
 def manual_seed(seed: int) -> None:
@@ -38,6 +42,7 @@ def manual_seed(seed: int) -> None:
     """
     with _seed_lock:
         _seed_stream.seed(int(seed))
+        _device_stream.seed(int(seed) ^ _DEVICE_SALT)
         _restart_device_seeds()
 
 
@@ -51,14 +56,17 @@ def set_seed_state(state: tuple) -> None:
     """Restores a state returned by :func:`seed_state`."""
     with _seed_lock:
         _seed_stream.setstate(state)
+        copy = random.Random()
+        copy.setstate(state)
+        _device_stream.seed(copy.getrandbits(63) ^ _DEVICE_SALT)
         _restart_device_seeds()
 
 
 def _restart_device_seeds() -> None:
-    """Restarts :func:`device_seed`'s counters from the stream (the lock held), in place: a compiled
-    graph or a captured CUDA graph that reads a counter keeps reading the same tensor."""
+    """Restarts :func:`device_seed`'s counters from the device stream (the lock held), in place: a
+    compiled graph or a captured CUDA graph that reads a counter keeps reading the same tensor."""
     for key in sorted(_device_seeds):
-        _device_seeds[key].fill_(_seed_stream.getrandbits(63))
+        _device_seeds[key].fill_(_device_stream.getrandbits(63))
 
 
 def next_seed() -> int:
@@ -144,7 +152,7 @@ def ensure_device_seed(device: torch.device) -> None:
 def device_seed(device: torch.device) -> torch.Tensor:
     """A fresh seed as a 0-dim int64 tensor on ``device``, with no host work after the first call.
 
-    Each device has a counter tensor, started from :func:`next_seed` on its first use (and
+    Each device has a counter tensor, started from the device stream on its first use (and
     restarted in place by :func:`manual_seed`); a call increments it in place and hashes it into a
     seed. Make it before ``torch.compile`` traces a model (:func:`ensure_device_seed`): made while
     tracing, it breaks the graph.
@@ -163,7 +171,7 @@ def device_seed(device: torch.device) -> torch.Tensor:
 
 @torch.compiler.disable
 def _new_counter(device: torch.device) -> torch.Tensor:
-    """Starts :func:`device_seed`'s counter for ``device`` from :func:`next_seed`. Runs outside any
+    """Starts :func:`device_seed`'s counter for ``device`` from the device stream. Runs outside any
     traced graph (it reads the host stream, behind a lock); marked as a static address, so a
     ``torch.compile(mode="reduce-overhead")`` graph that increments it keeps its CUDA graph."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -172,7 +180,9 @@ def _new_counter(device: torch.device) -> torch.Tensor:
             f"capture would be reset on every replay; run one eager step first (stochastic layers make it), "
             f"or call app.nn.probes.device_seed(torch.device({str(device)!r})) before capturing"
         )
-    counter = torch.full((), next_seed(), dtype=torch.int64, device=device)
+    with _seed_lock:
+        start = _device_stream.getrandbits(63)
+    counter = torch.full((), start, dtype=torch.int64, device=device)
     torch._dynamo.mark_static_address(counter)
     _device_seeds[str(device)] = counter
     return counter
