@@ -26,14 +26,7 @@ from app.nn.fidelity import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one intra-op thread: the tensors here are small, so more threads only add
-    synchronisation (ten times slower on a loaded 2-core machine). Tolerances do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def tiny_net(n_probes: int = 4) -> nn.Module:

@@ -20,14 +20,7 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32
 FP32_MARGIN = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one intra-op thread: the tensors here are small, so more threads only add
-    synchronisation (ten times slower on a loaded 2-core machine). Tolerances do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def _assert_as_accurate_as_torch(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:

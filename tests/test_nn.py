@@ -24,14 +24,7 @@ SCONV_T = {1: snn.stochastic_conv_transpose1d, 2: snn.stochastic_conv_transpose2
 SIZES = {1: (23,), 2: (9, 10), 3: (7, 6, 8)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one intra-op thread: the tensors here are small, so more threads only add
-    synchronisation (ten times slower on a loaded 2-core machine). Tolerances do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 # (dims, transposed, conv kwargs, sketch)
 CASES = [
