@@ -306,7 +306,7 @@ def test_saved_state_is_under_one_percent_and_does_not_grow():
 
 def test_saved_tensor_counter_frees_the_graph():
     """Counting must not keep the forward graph alive: ops that save their own output (sigmoid)
-    would otherwise form a cycle through C++ that gc cannot collect (the planner's cap anomaly)."""
+    would otherwise form a cycle through C++ that gc cannot collect."""
     x = torch.randn(4, 8, requires_grad=True)
     with snn.SavedTensorCounter() as counter:
         y = torch.sigmoid(x)

@@ -1,7 +1,7 @@
 """Gradient fidelity: how far the sketched weight gradients are from the exact ones, next to SGD's own noise.
 
 The trace estimator of a stochastic convolution is unbiased, but its variance grows with the number
-of voxels and falls only as ``1/r`` (``docs/METHOD.md`` §2). Whether that matters depends on what
+of voxels and falls only as ``1/r`` (``docs/method.md``, "Maths in short"). Whether that matters depends on what
 the optimizer already tolerates: the mini-batch noise of SGD. For the current model state and one
 batch, :func:`gradient_fidelity` computes
 
