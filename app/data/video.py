@@ -1,14 +1,23 @@
-"""Video clips as 3D volumes (T, H, W), on PyAV.
+"""Video clips as 3D volumes (T, H, W), on PyAV and Pillow.
+
+A clip is a video file (``.mp4`` / ``.avi`` / ``.mkv`` / ``.webm``) or a folder of numbered frame
+images (``.png`` / ``.jpg`` / ``.jpeg``, in natural order: ``f2.png`` before ``f10.png``).
+:func:`open_clip` probes one and returns a :class:`ClipSource` whose :meth:`ClipSource.read`
+decodes a window of frames, ``(C, T, H, W)`` float32 in [0, 1], seeking to the keyframe before
+the window instead of decoding the file from its start. :func:`read_mask_clip` reads per-frame
+masks (a mask video or a folder of palette / grey PNGs) as ``(T, H, W)`` class ids.
 
 A clip is segmented like any volume: the time axis plays the part of the first spatial axis.
 :class:`VideoReader` lets MONAI's ``LoadImage(d)`` read clips as channel-first ``(1, T, H, W)``
-(``(3, T, H, W)`` in colour) arrays with an identity affine; their labels are ``(T, H, W)`` NIfTI
-files with an identity affine.
+(``(3, T, H, W)`` in colour) arrays with an identity affine; :class:`MaskClipReader` reads mask
+clips for the label key.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from fractions import Fraction
 from os import PathLike
 from pathlib import Path
 from typing import Any, Union
@@ -17,16 +26,25 @@ import av
 import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
+from PIL import Image, UnidentifiedImageError
 
 from app.data.errors import DataError, data_error
 from app.data.nifti import VolumeInfo, save_nifti
 from app.data.synthetic import bias_field, claim_dataset_root, decathlon_items, finish_dataset_root, nifti_image
 
 __all__ = [
+    "FOLDER_FPS",
+    "FRAME_SUFFIXES",
     "VIDEO_SUFFIXES",
+    "ClipSource",
+    "MaskClipReader",
     "VideoReader",
+    "is_clip",
+    "is_frame_folder",
     "is_video",
     "make_synthetic_video_dataset",
+    "open_clip",
+    "read_mask_clip",
     "read_video_info",
     "read_video_volume",
     "write_video",
@@ -34,17 +52,23 @@ __all__ = [
 
 PathLikeStr = Union[str, "PathLike[str]"]
 
-VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv")
-# Tried in order per container; the first that opens wins. libx264 with qp=0 and 4:4:4 chroma is
-# close to lossless (at most 1 grey level off after the YUV round trip) and accepts odd sizes;
-# ffv1 is lossless but not every player reads it from .mp4; mpeg4 is the last resort.
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm")
+FRAME_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+FOLDER_FPS = 25.0
+"""Frame rate given to a folder of frames (it has none of its own)."""
+# Tried in order per container; the first that opens wins. Grey clips go to libx264 as full-range
+# 4:4:4 (yuvj444p) with qp=0, which gives every grey level back exactly (mask videos keep their
+# class ids); colour clips as yuv444p qp=0, at most 2 levels off after the YUV round trip. ffv1
+# (mkv, avi) and lossless VP9 in planar RGB (webm) are exact; mpeg4 is the last resort.
 _CODECS: dict[str, tuple[tuple[str, str, str, dict[str, str]], ...]] = {
     # suffix: ((codec, grey pix_fmt, colour pix_fmt, options), ...)
-    ".mp4": (("libx264", "yuv444p", "yuv444p", {"qp": "0"}), ("mpeg4", "yuv420p", "yuv420p", {"qscale": "1"})),
-    ".mkv": (("ffv1", "gray", "yuv444p", {}), ("libx264", "yuv444p", "yuv444p", {"qp": "0"})),
+    ".mp4": (("libx264", "yuvj444p", "yuv444p", {"qp": "0"}), ("mpeg4", "yuv420p", "yuv420p", {"qscale": "1"})),
+    ".mkv": (("ffv1", "gray", "yuv444p", {}), ("libx264", "yuvj444p", "yuv444p", {"qp": "0"})),
     ".avi": (("ffv1", "gray", "yuv444p", {}), ("mpeg4", "yuv420p", "yuv420p", {"qscale": "1"})),
+    ".webm": (("libvpx-vp9", "gbrp", "gbrp", {"lossless": "1"}),),
 }
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
+_NATURAL = re.compile(r"(\d+)")
 
 
 def is_video(path: PathLikeStr) -> bool:
@@ -52,32 +76,435 @@ def is_video(path: PathLikeStr) -> bool:
     return str(path).lower().endswith(VIDEO_SUFFIXES)
 
 
-def read_video_info(path: PathLikeStr) -> VolumeInfo:
-    """Probes a clip: ``shape=(T, H, W)``, one channel (grey, as read by default), identity affine.
+def _frame_files(folder: Path) -> list[Path]:
+    """The frame images of a folder (hidden files skipped), in natural order of their names."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(FRAME_SUFFIXES)]
+    return sorted(files, key=lambda p: [int(s) if s.isdigit() else s.lower() for s in _NATURAL.split(p.name)])
 
-    The frame count comes from the container header where it has one (mp4, avi), else the
-    frames are decoded and counted (mkv).
 
-    Raises:
-        DataError: missing file, not decodable, no video stream, or no frames.
-    """
+def is_frame_folder(path: PathLikeStr) -> bool:
+    """Whether ``path`` is a folder holding at least one frame image (:data:`FRAME_SUFFIXES`)."""
     p = Path(path)
-    if not p.is_file():
-        raise data_error(p, "file not found")
+    return p.is_dir() and any(
+        q.is_file() and not q.name.startswith(".") and q.name.lower().endswith(FRAME_SUFFIXES) for q in p.iterdir()
+    )
+
+
+def is_clip(path: PathLikeStr) -> bool:
+    """A video file name (:func:`is_video`) or a folder of frame images (:func:`is_frame_folder`)."""
+    return is_video(path) or is_frame_folder(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading clips: ClipSource
+# --------------------------------------------------------------------------------------------
+
+
+def _timestamp(obj: Any) -> int | None:
+    """A packet's or frame's presentation time, its decoding time when it has none."""
+    return obj.pts if obj.pts is not None else obj.dts
+
+
+def _frame_depth(pix_fmt: str | None) -> tuple[int, int]:
+    """``(channels, bits)`` of a decoder pixel format: grey formats 1 channel, the rest 3; 8 or 16 bits."""
+    name = str(pix_fmt or "")
+    channels = 1 if name.startswith(("gray", "ya", "mono")) else 3
+    try:
+        bits = max(c.bits for c in av.VideoFormat(name).components) if name else 8
+    except (ValueError, av.error.FFmpegError):
+        bits = 8
+    return channels, 16 if bits > 8 else 8
+
+
+def _image_channels(mode: str) -> int:
+    """Channels a Pillow mode gives: grey modes 1, the rest (RGB, RGBA, palette, CMYK ...) 3."""
+    return 1 if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F") else 3
+
+
+class ClipSource:
+    """A probed clip: its geometry and frame rate, and frame-accurate windowed reads.
+
+    Made by :func:`open_clip`. A video file's packets are indexed once (demuxed, not decoded) when
+    it is opened; :meth:`read` seeks to the keyframe at or before the window and decodes forward
+    from there, so the cost of a read does not grow with the window's position in the file. The
+    container opened by a read stays open for the next one (:meth:`close` closes it; a pickled
+    source, e.g. in a loader worker, opens its own).
+
+    Attributes:
+        path: the video file or the frame folder.
+        n_frames: frames in the clip.
+        height: frame height in pixels.
+        width: frame width in pixels.
+        channels: 1 (grey source) or 3 (colour source).
+        fps: frames per second (:data:`FOLDER_FPS` for a frame folder unless given).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        n_frames: int,
+        height: int,
+        width: int,
+        channels: int,
+        fps: float,
+        *,
+        frames: list[Path] | None = None,
+        timestamps: list[int] | None = None,
+        keyframes: list[int] | None = None,
+        bits: int = 8,
+    ) -> None:
+        self.path = path
+        self.n_frames = int(n_frames)
+        self.height = int(height)
+        self.width = int(width)
+        self.channels = int(channels)
+        self.fps = float(fps)
+        self._frames = frames  # frame folder: one file per frame
+        self._timestamps = timestamps  # video: presentation time of frame i, ascending
+        self._keyframes = keyframes  # video: indices of the frames that are keyframes, ascending
+        self._bits = bits
+        self._container: Any = None
+
+    def __repr__(self) -> str:
+        return (f"ClipSource({str(self.path)!r}, n_frames={self.n_frames}, height={self.height}, width={self.width}, "
+                f"channels={self.channels}, fps={self.fps:g})")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_container"] = None  # an open container does not cross processes
+        return state
+
+    def __enter__(self) -> ClipSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the container a read left open (reads reopen it)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(T, H, W)``."""
+        return (self.n_frames, self.height, self.width)
+
+    def read(
+        self,
+        start: int,
+        count: int,
+        stride: int = 1,
+        size: tuple[int, int] | None = None,
+        grey: bool = False,
+    ) -> np.ndarray:
+        """Decodes frames ``start, start + stride, ...`` (``count`` of them).
+
+        Args:
+            start: index of the first frame, ``0 <= start < n_frames``.
+            count: frames to return, >= 1; the last one, ``start + (count - 1) * stride``, must exist.
+            stride: step between returned frames, >= 1.
+            size: ``(H, W)`` to resize every frame to (bilinear); None keeps the clip's size.
+            grey: luma only (one channel); else the source's channels (:attr:`channels`).
+
+        Returns:
+            ``(C, count, H, W)`` float32 in [0, 1], ``C = 1`` if ``grey`` else :attr:`channels`.
+
+        Raises:
+            ValueError: a window outside the clip, or bad ``count`` / ``stride`` / ``size``.
+            DataError: a frame cannot be decoded (damaged or truncated file, unreadable image);
+                one line naming the file.
+        """
+        start, count, stride = int(start), int(count), int(stride)
+        if count < 1 or stride < 1:
+            raise ValueError(f"count and stride must be >= 1, got count={count}, stride={stride}")
+        last = start + (count - 1) * stride
+        if start < 0 or last >= self.n_frames:
+            raise ValueError(
+                f"{self.path}: frames {start}..{last} (start={start}, count={count}, stride={stride}) "
+                f"are outside the clip's {self.n_frames} frames"
+            )
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
+            if min(size) < 1:
+                raise ValueError(f"size must be (H, W) with H, W >= 1, got size={size}")
+        indices = list(range(start, last + 1, stride))
+        channels = 1 if grey else self.channels
+        if self._frames is not None:
+            frames = [self._read_image(self._frames[i], size, channels) for i in indices]
+        else:
+            frames = self._read_video(indices, size, channels)
+        return np.ascontiguousarray(np.stack(frames, axis=1))  # (C, count, H, W)
+
+    # ----------------------------------------------------------------------------- frame folders
+
+    def _read_image(self, path: Path, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+        """One frame image as ``(C, H, W)`` float32 in [0, 1]."""
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if img.size != (self.width, self.height):
+                    raise data_error(path, f"frame is {img.size[1]}x{img.size[0]}, the other frames of "
+                                           f"{self.path} are {self.height}x{self.width}")
+                array = _image_array(img, channels)
+        except DataError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise data_error(path, f"cannot read the frame image ({type(e).__name__}: {e})") from e
+        if size is not None and size != (self.height, self.width):
+            array = np.stack([np.asarray(Image.fromarray(c).resize((size[1], size[0]), Image.BILINEAR)) for c in array])
+        return np.clip(array, 0.0, 1.0, out=array) if size is not None else array
+
+    # ----------------------------------------------------------------------------- video files
+
+    def _open(self) -> Any:
+        if self._container is None:
+            self._container = av.open(str(self.path))
+            self._container.streams.video[0].thread_type = "AUTO"
+        return self._container
+
+    def _read_video(self, indices: list[int], size: tuple[int, int] | None, channels: int) -> list[np.ndarray]:
+        try:
+            return self._decode(indices, size, channels)
+        except DataError:
+            self.close()
+            raise
+        except _AV_ERRORS as e:
+            self.close()
+            raise data_error(self.path, f"cannot decode frames {indices[0]}..{indices[-1]} "
+                                        f"({type(e).__name__}: {e}); the file is damaged or truncated") from e
+
+    def _decode(self, indices: list[int], size: tuple[int, int] | None, channels: int) -> list[np.ndarray]:
+        bits16 = self._bits > 8
+        fmt = ("gray16le" if bits16 else "gray") if channels == 1 else ("rgb48le" if bits16 else "rgb24")
+        scale = 65535.0 if bits16 else 255.0
+        out: dict[int, np.ndarray] = {}
+
+        def keep(frame: Any, index: int) -> None:
+            if size is not None:
+                frame = frame.reformat(width=size[1], height=size[0], format=fmt, interpolation="BILINEAR")
+            array = frame.to_ndarray(format=fmt).astype(np.float32) / scale
+            out[index] = array[None] if channels == 1 else np.moveaxis(array, -1, 0)
+
+        container = self._open()
+        stream = container.streams.video[0]
+        if self._timestamps is None:  # no timestamps to seek by: decode from the start, counting frames
+            container.seek(0)
+            wanted = set(indices)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    keep(frame, i)
+                if i >= indices[-1]:
+                    break
+        else:
+            position = {self._timestamps[i]: i for i in indices}
+            first, last = self._timestamps[indices[0]], self._timestamps[indices[-1]]
+            key = max((k for k in self._keyframes if k <= indices[0]), default=0)
+            container.seek(self._timestamps[key], stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                ts = _timestamp(frame)
+                if ts is None:
+                    continue
+                if not out and ts > first:  # the seek landed past the window: decode from the start
+                    container.seek(0)
+                    return self._decode_from_start(indices, keep, out)
+                if ts in position:
+                    keep(frame, position[ts])
+                if ts >= last:
+                    break
+        missing = [i for i in indices if i not in out]
+        if missing:
+            raise data_error(self.path, f"frame(s) {missing[:5]}{'...' if len(missing) > 5 else ''} of {self.n_frames} "
+                                        "did not decode; the file is damaged or truncated")
+        return [out[i] for i in indices]
+
+    def _decode_from_start(self, indices: list[int], keep: Any, out: dict[int, np.ndarray]) -> list[np.ndarray]:
+        container = self._open()
+        stream = container.streams.video[0]
+        position = {self._timestamps[i]: i for i in indices}  # type: ignore[index]
+        last = self._timestamps[indices[-1]]  # type: ignore[index]
+        for frame in container.decode(stream):
+            ts = _timestamp(frame)
+            if ts in position:
+                keep(frame, position[ts])
+            if ts is not None and ts >= last:
+                break
+        missing = [i for i in indices if i not in out]
+        if missing:
+            raise data_error(self.path, f"frame(s) {missing[:5]} of {self.n_frames} did not decode; "
+                                        "the file is damaged or truncated")
+        return [out[i] for i in indices]
+
+
+def _image_array(img: Image.Image, channels: int) -> np.ndarray:
+    """A Pillow image as ``(C, H, W)`` float32 in [0, 1] (8-bit / 255, 16-bit / 65535, float as is)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(img).astype(np.float32) / 65535.0
+        return grey[None] if channels == 1 else np.repeat(grey[None], 3, axis=0)
+    if mode == "F":
+        grey = np.asarray(img, dtype=np.float32)
+        return grey[None] if channels == 1 else np.repeat(grey[None], 3, axis=0)
+    converted = img.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(converted).astype(np.float32) / 255.0
+    return array[None] if channels == 1 else np.ascontiguousarray(np.moveaxis(array, -1, 0))
+
+
+def _open_folder(p: Path, fps: float | None) -> ClipSource:
+    frames = _frame_files(p)
+    if not frames:
+        raise data_error(p, f"folder holds no frame images ({', '.join(FRAME_SUFFIXES)}): a clip with zero frames")
+    sizes: dict[tuple[int, int], Path] = {}
+    channels = 1
+    for f in frames:
+        try:
+            with Image.open(f) as img:
+                size, mode = img.size, img.mode
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise data_error(f, f"cannot read the frame image ({type(e).__name__}: {e})") from e
+        if sizes and size not in sizes:
+            (first_size, first), = list(sizes.items())[:1]
+            raise data_error(f, f"frame is {size[1]}x{size[0]}, but {first.name} in the same folder is "
+                                f"{first_size[1]}x{first_size[0]}: all frames of a clip need one size")
+        sizes.setdefault(size, f)
+        channels = max(channels, _image_channels(mode))
+    width, height = next(iter(sizes))
+    return ClipSource(p, len(frames), height, width, channels, FOLDER_FPS if fps is None else float(fps), frames=frames)
+
+
+def _open_video(p: Path) -> ClipSource:
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
                 raise data_error(p, "no video stream in the file")
             stream = container.streams.video[0]
-            height, width = int(stream.codec_context.height), int(stream.codec_context.width)
-            n_frames = int(stream.frames or 0)
-            if n_frames == 0:
-                n_frames = sum(1 for _ in container.decode(stream))
+            ctx = stream.codec_context
+            height, width = int(ctx.height), int(ctx.width)
+            channels, bits = _frame_depth(ctx.pix_fmt)
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            declared = int(stream.frames or 0)
+            stamps: list[tuple[int, bool]] = []
+            untimed = 0
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                ts = _timestamp(packet)
+                if ts is None:
+                    untimed += 1
+                else:
+                    stamps.append((int(ts), bool(packet.is_keyframe)))
+    except DataError:
+        raise
     except _AV_ERRORS as e:
-        raise data_error(p, f"cannot decode video ({type(e).__name__}: {e})") from e
+        raise data_error(p, f"cannot open the video ({type(e).__name__}: {e}); the file is damaged, truncated or "
+                            "not a video") from e
+    n_frames = len(stamps) + untimed
     if n_frames == 0 or height == 0 or width == 0:
         raise data_error(p, f"video has no frames (frames={n_frames}, size={height}x{width})")
-    return VolumeInfo(p, (n_frames, height, width), 1, np.eye(4), (1.0, 1.0, 1.0), "uint8")
+    if declared and n_frames < declared:
+        raise data_error(p, f"the header declares {declared} frames but only {n_frames} are in the file; it is truncated")
+    if fps <= 0:
+        fps = FOLDER_FPS
+    if untimed:  # frames without timestamps: reads count frames from the start
+        return ClipSource(p, n_frames, height, width, channels, fps, bits=bits)
+    order = sorted(range(len(stamps)), key=lambda i: stamps[i][0])
+    timestamps = [stamps[i][0] for i in order]
+    keyframes = [rank for rank, i in enumerate(order) if stamps[i][1]] or [0]
+    return ClipSource(p, n_frames, height, width, channels, fps, timestamps=timestamps, keyframes=keyframes, bits=bits)
+
+
+def open_clip(path: PathLikeStr, *, fps: float | None = None) -> ClipSource:
+    """Probes a clip: a video file or a folder of numbered frame images.
+
+    A video's packets are read (not decoded) to index its frames; a folder's images are opened
+    for their size and mode only.
+
+    Args:
+        path: ``.mp4`` / ``.avi`` / ``.mkv`` / ``.webm`` (anything FFmpeg decodes), or a folder of
+            ``.png`` / ``.jpg`` / ``.jpeg`` frames sorted in natural order of their names.
+        fps: frame rate of a frame folder (default :data:`FOLDER_FPS`); ignored for video files.
+
+    Returns:
+        The :class:`ClipSource`.
+
+    Raises:
+        DataError: one line naming the file: missing, not decodable (corrupt), truncated, no
+            video stream, zero frames, an unreadable frame image, or frames of different sizes
+            in a folder.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _open_folder(p, fps)
+    if not p.is_file():
+        raise data_error(p, "file not found")
+    return _open_video(p)
+
+
+def read_mask_clip(path: PathLikeStr, n_frames: int, height: int, width: int, *, clip: PathLikeStr | None = None) -> np.ndarray:
+    """Reads per-frame masks aligned with a clip: values are class ids.
+
+    Args:
+        path: a mask video (its grey values are the class ids: write it losslessly, e.g. with
+            :func:`write_video`), or a folder of per-frame mask PNGs in natural order: palette
+            PNGs give their palette indices, grey PNGs (8 or 16 bit) their values.
+        n_frames: frames of the clip the masks belong to.
+        height: its frame height.
+        width: its frame width.
+        clip: the clip's path, named in mismatch errors.
+
+    Returns:
+        ``(T, H, W)`` int64.
+
+    Raises:
+        DataError: unreadable masks, colour (RGB) mask images, or a frame count or frame size
+            other than the clip's (one line naming both files).
+    """
+    p = Path(path).expanduser()
+    against = f" {clip}" if clip is not None else " the clip"
+    if p.is_dir():
+        files = _frame_files(p)
+        if not files:
+            raise data_error(p, f"folder holds no mask images ({', '.join(FRAME_SUFFIXES)})")
+        if len(files) != n_frames:
+            raise data_error(p, f"{len(files)} mask frames, but{against} has {n_frames} frames")
+        masks = np.empty((n_frames, height, width), dtype=np.int64)
+        for t, f in enumerate(files):
+            try:
+                with Image.open(f) as img:
+                    img.load()
+                    mode = img.mode
+                    if img.size != (width, height):
+                        raise data_error(f, f"mask frame is {img.size[1]}x{img.size[0]}, but{against} is {height}x{width}")
+                    if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+                        raise data_error(f, f"mask frame is a {mode} image; save masks as palette or grey PNGs "
+                                            "whose values are the class ids")
+                    array = np.asarray(img.convert("L") if mode in ("1", "LA") else img)
+            except DataError:
+                raise
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+                raise data_error(f, f"cannot read the mask image ({type(e).__name__}: {e})") from e
+            masks[t] = array.astype(np.int64)
+        return masks
+    source = open_clip(p)
+    if source.n_frames != n_frames or (source.height, source.width) != (height, width):
+        raise data_error(p, f"mask clip has {source.n_frames} frames of {source.height}x{source.width}, but{against} "
+                            f"has {n_frames} frames of {height}x{width}")
+    with source:
+        frames = source.read(0, n_frames, grey=True)[0]  # (T, H, W) in [0, 1]
+    scale = 65535.0 if source._bits > 8 else 255.0
+    return np.rint(frames * scale).astype(np.int64)
+
+
+def read_video_info(path: PathLikeStr) -> VolumeInfo:
+    """Probes a clip (:func:`open_clip`): ``shape=(T, H, W)``, one channel (grey, as read by default), identity affine.
+
+    Raises:
+        DataError: missing file, not decodable, no video stream, or no frames.
+    """
+    source = open_clip(path)
+    return VolumeInfo(source.path, source.shape, 1, np.eye(4), (1.0, 1.0, 1.0), "uint8")
 
 
 def read_video_volume(
@@ -87,11 +514,11 @@ def read_video_volume(
     size: tuple[int, int] | None = None,
     max_frames: int | None = None,
 ) -> np.ndarray:
-    """Decodes a clip into a float32 volume with values in [0, 1].
+    """Decodes a whole clip (video file or frame folder) into a float32 volume with values in [0, 1].
 
     Args:
-        path: ``.mp4`` / ``.avi`` / ``.mkv`` (anything FFmpeg decodes).
-        grayscale: luma only (default) or RGB.
+        path: a clip (see :func:`open_clip`).
+        grayscale: luma only (default) or RGB (a grey source gives three equal channels).
         size: optional ``(H, W)`` to rescale every frame to.
         max_frames: keep at most this many frames from the start.
 
@@ -101,33 +528,12 @@ def read_video_volume(
     Raises:
         DataError: naming the file, if it cannot be opened or decoded or has no frames.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise data_error(p, "file not found")
-    fmt = "gray" if grayscale else "rgb24"
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(p)) as container:
-            if not container.streams.video:
-                raise data_error(p, "no video stream in the file")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                if size is not None:
-                    frame = frame.reformat(width=int(size[1]), height=int(size[0]))
-                frames.append(frame.to_ndarray(format=fmt))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except DataError:
-        raise
-    except _AV_ERRORS as e:
-        raise data_error(p, f"cannot decode video ({type(e).__name__}: {e})") from e
-    if not frames:
-        raise data_error(p, "video has no frames")
-    volume = np.stack(frames).astype(np.float32) / 255.0  # (T, H, W) or (T, H, W, 3)
-    if not grayscale:
-        volume = np.ascontiguousarray(np.moveaxis(volume, -1, 0))  # (3, T, H, W)
-    return volume
+    with open_clip(path) as source:
+        n = source.n_frames if max_frames is None else max(1, min(int(max_frames), source.n_frames))
+        volume = source.read(0, n, size=size, grey=grayscale)
+    if grayscale:
+        return volume[0]
+    return volume if volume.shape[0] == 3 else np.ascontiguousarray(np.repeat(volume, 3, axis=0))
 
 
 def _to_uint8(volume: np.ndarray) -> np.ndarray:
@@ -140,9 +546,14 @@ def _to_uint8(volume: np.ndarray) -> np.ndarray:
     raise TypeError(f"volume dtype must be float in [0, 1] or integer in [0, 255], got {volume.dtype}")
 
 
-def _encode(path: Path, frames: np.ndarray, fmt: str, fps: int, codec: str, pix_fmt: str, options: dict) -> None:
+def _frame_rate(fps: float) -> Fraction:
+    """``fps`` as the exact fraction containers store (29.97 -> 30000/1001)."""
+    return Fraction(float(fps)).limit_denominator(1001)
+
+
+def _encode(path: Path, frames: np.ndarray, fmt: str, fps: float, codec: str, pix_fmt: str, options: dict) -> None:
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=_frame_rate(fps))
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = pix_fmt
         stream.options = dict(options)
@@ -153,14 +564,17 @@ def _encode(path: Path, frames: np.ndarray, fmt: str, fps: int, codec: str, pix_
         container.mux(stream.encode(None))
 
 
-def write_video(path: PathLikeStr, volume: Any, fps: int = 10, codec: str | None = None) -> Path:
+def write_video(path: PathLikeStr, volume: Any, fps: float = 10, codec: str | None = None) -> Path:
     """Writes a volume as a clip, trying codecs PyAV ships until one opens.
 
+    Grey clips are written so that every grey level reads back exactly (mask videos keep their
+    class ids); colour clips near-losslessly (``.mp4``) or exactly (``.webm``, ``.mkv``); see ``_CODECS``.
+
     Args:
-        path: ``.mp4``, ``.avi`` or ``.mkv``; folders are created.
-        volume: ``(T, H, W)`` grey or ``(3, T, H, W)`` RGB; float in [0, 1] (clipped) or uint8.
-            Numpy array or torch tensor.
-        fps: frame rate.
+        path: ``.mp4``, ``.avi``, ``.mkv`` or ``.webm``; folders are created.
+        volume: ``(T, H, W)`` or ``(1, T, H, W)`` grey, or ``(3, T, H, W)`` RGB; float in [0, 1]
+            (clipped) or integers in [0, 255]. Numpy array or torch tensor.
+        fps: frame rate (fractional rates such as 29.97 are kept as 30000/1001).
         codec: force one FFmpeg encoder (e.g. ``"mpeg4"``); default: per container, see ``_CODECS``.
 
     Returns:
@@ -176,12 +590,14 @@ def write_video(path: PathLikeStr, volume: Any, fps: int = 10, codec: str | None
     if hasattr(volume, "detach"):
         volume = volume.detach().cpu().numpy()
     array = _to_uint8(np.asarray(volume))
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
     if array.ndim == 3:
         frames, fmt = array, "gray"
     elif array.ndim == 4 and array.shape[0] == 3:
         frames, fmt = np.moveaxis(array, 0, -1), "rgb24"  # (T, H, W, 3)
     else:
-        raise data_error(p, f"volume shape {array.shape} is neither (T, H, W) nor (3, T, H, W)")
+        raise data_error(p, f"volume shape {array.shape} is neither (T, H, W), (1, T, H, W) nor (3, T, H, W)")
     if frames.shape[0] < 1 or min(frames.shape[1:3]) < 2:
         raise data_error(p, f"volume shape {array.shape} has no frames or frames smaller than 2x2")
     p.parent.mkdir(parents=True, exist_ok=True)
