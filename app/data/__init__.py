@@ -11,7 +11,7 @@ Public API::
 
 from app.data.datalist import DataList, load_datalist
 from app.data.errors import DataError
-from app.data.loaders import build_loaders, default_cache_dir, prepare_datalist, resolve_num_workers
+from app.data.loaders import build_loaders, default_cache_dir, prepare_datalist, resolve_num_workers, shutdown_workers
 from app.data.patches import Augmentation, PatchDataset, SeededSampler, VolumeDataset
 from app.data.preprocess import CaseStore, PreparedCases, PreprocessedCase, prepare_cases, preprocess_case
 from app.data.nifti import save_like
@@ -45,6 +45,7 @@ __all__ = [
     "resolve_num_workers",
     "save_like",
     "scan_cases",
+    "shutdown_workers",
     "train_transforms",
     "val_transforms",
 ]

@@ -10,6 +10,7 @@ augmentation in the workers or, with ``augment_on="device"``, left to the caller
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from monai.data import DataLoader
 from monai.data import DistributedSampler as MonaiDistributedSampler
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.utils import look_up_option
 
 from app.data.datalist import DataList, read_volume_info
@@ -27,6 +29,7 @@ from app.data.patches import Augmentation, PatchDataset, SeededSampler, VolumeDa
 from app.data.preprocess import CACHE_MODES, PreparedCases, prepare_cases
 from app.data.transforms import Preprocessing, normalize_patch_size, rotation_plane
 from app.data.video import is_video
+from app.utils import staggered
 
 __all__ = [
     "AUGMENT_ON",
@@ -37,6 +40,7 @@ __all__ = [
     "default_cache_dir",
     "prepare_datalist",
     "resolve_num_workers",
+    "shutdown_workers",
 ]
 
 PathLikeStr = Union[str, "PathLike[str]"]
@@ -107,6 +111,31 @@ def check_channels(items: Sequence[dict[str, str]], in_channels: int) -> None:
             raise data_error(image, f"image has {n} channel(s), but Preprocessing.in_channels={in_channels}")
 
 
+def _worker_init(worker_id: int) -> None:
+    """Worker start-up: MONAI's per-worker reseeding of the random transforms, then SIGTERM and SIGINT
+    ignored. A scheduler's or ``torchrun``'s stop signal goes to the training process's whole process
+    group; the training process finishes its step with the batches its workers load and then shuts
+    them down itself (:func:`shutdown_workers`). A worker whose training process dies exits by itself."""
+    monai_worker_init_fn(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def shutdown_workers(*loaders: DataLoader | None) -> None:
+    """Stops the persistent worker processes of ``loaders`` now (None entries are skipped).
+
+    The workers ignore SIGTERM (:func:`_worker_init`), so they must not be left for the interpreter's
+    exit, which would stop them with SIGTERM and wait for them; the next iteration of a loader
+    starts new workers.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if loader is not None:
+            loader._iterator = None
+
+
 def _rank(distributed: bool) -> tuple[int, int]:
     """``(rank, world_size)``; ``(0, 1)`` without DDP."""
     if not distributed:
@@ -129,9 +158,10 @@ def prepare_datalist(
 ) -> tuple[PreparedCases, PreparedCases]:
     """Preprocesses (or finds stored) every training and validation case once, checking their voxels.
 
-    See :func:`app.data.preprocess.prepare_cases`. Under DDP (``distributed``) rank 0 preprocesses
-    first and the other ranks then read what it stored (``"disk"``), or preprocess for themselves
-    (``"memory"``).
+    See :func:`app.data.preprocess.prepare_cases`. Under DDP (``distributed``) with ``"disk"``, rank 0
+    preprocesses first, then the first process of every other machine (which finds the cases stored
+    when the folder is shared), then the rest, which read what is stored
+    (:func:`app.utils.staggered`); with ``"memory"`` every rank preprocesses for itself.
 
     Args:
         datalist: cases from :func:`app.data.load_datalist`.
@@ -158,13 +188,11 @@ def prepare_datalist(
     if cache == "disk":
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(datalist.root)
     items = datalist.train + datalist.val
-    if distributed and rank != 0:
-        dist.barrier()  # rank 0 stores the cases first
-    try:
-        cases = prepare_cases(items, pre, n_classes, cache, folder, threads=threads, progress=progress and rank == 0)
-    finally:
-        if distributed and rank == 0:
-            dist.barrier()
+
+    def prepare() -> PreparedCases:
+        return prepare_cases(items, pre, n_classes, cache, folder, threads=threads, progress=progress and rank == 0)
+
+    cases = staggered(prepare) if distributed and cache == "disk" else prepare()
     n = len(datalist.train)
     return _split(cases, 0, n), _split(cases, n, len(items))
 
@@ -277,6 +305,7 @@ def build_loaders(
         num_workers=workers,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_worker_init,
         **extra,
     )
     # Stored volumes are read in the main process (a memory-map read); recomputed ones in workers.
@@ -288,6 +317,7 @@ def build_loaders(
         sampler=val_sampler,
         num_workers=val_workers,
         pin_memory=pin,
+        worker_init_fn=_worker_init,
         **({"prefetch_factor": prefetch_factor, "persistent_workers": True} if val_workers else {}),
     )
     train_loader.device_augmentation = augmentation if augment_on == "device" else None

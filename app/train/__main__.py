@@ -39,11 +39,15 @@ def main() -> None:
     """Console-script entry point (reads ``sys.argv``).
 
     Under ``torchrun`` every process composes the same config; only rank 0 writes Hydra's
-    ``.hydra/`` folder (the others would race it, or make their own run folder when their clock
-    reads another second: give ``hydra.run.dir=...`` so that all ranks log to one folder).
+    ``.hydra/`` folder and ``train.log`` (the others would race them, or make their own run folder
+    when their clock reads another second: give ``hydra.run.dir=...``). The processes of rank > 0
+    log warnings and errors to the console only, tagged with their rank (``hydra/job_logging=worker``,
+    unless the command line chooses a ``hydra/job_logging`` itself).
     """
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv.append("hydra.output_subdir=null")
+        if not any(a.lstrip("+~").startswith("hydra/job_logging=") for a in sys.argv[1:]):
+            sys.argv.append("hydra/job_logging=worker")
     _hydra_main()
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from app.models import CheckpointError, load_checkpoint
+from app.train.distributed import DistInfo, broadcast_object
 from app.utils import atomic_path
 
-__all__ = ["BEST", "LAST", "PREVIOUS", "CheckpointStore", "find_resume"]
+__all__ = ["BEST", "LAST", "PREVIOUS", "CheckpointStore", "find_resume", "find_resume_on_rank0"]
 
 log = logging.getLogger(__name__)
 
@@ -139,4 +140,25 @@ def find_resume(setting: Any, folder: Path) -> tuple[Path, dict[str, Any]] | Non
     if found is None:
         raise CheckpointError(reason)
     log.warning("%s; resuming from %s (step %d) instead", reason, found[0], int(found[1].get("global_step", 0)))
+    return found
+
+
+def find_resume_on_rank0(setting: Any, folder: Path, info: DistInfo) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`find_resume` run by rank 0 alone, its answer (or its error) given to every rank.
+
+    The other ranks never read ``folder``: on several machines it need not exist on theirs, and
+    every rank must resume from the same state.
+
+    Raises:
+        CheckpointError: on every rank, when rank 0's :func:`find_resume` raised it.
+    """
+    found, error = None, None
+    if info.is_main:
+        try:
+            found = find_resume(setting, folder)
+        except CheckpointError as exc:
+            error = str(exc)
+    found, error = broadcast_object(info, (found, error))
+    if error is not None:
+        raise CheckpointError(error)
     return found

@@ -17,7 +17,9 @@ that part of the epoch, no network work), then every RNG stream is restored from
 
 SIGTERM and SIGINT finish the current step, write ``last.pt``, close the W&B run and raise
 :class:`Preempted` (the command line exits with :data:`PREEMPTED_EXIT_CODE`); under ``torchrun``
-the ranks agree on the step to stop after. A step whose loss or gradient is not finite is skipped
+the ranks agree on the step to stop after (one rank's signal stops them all: a stop flag is reduced
+over the ranks at every step), rank 0 writes the checkpoint with every rank's RNG state, and every
+rank raises :class:`Preempted`. A step whose loss or gradient is not finite is skipped
 (no optimizer update; under fp16 the GradScaler's own skipping of overflowed steps is left alone),
 counted, and logged; ``trainer.max_bad_steps`` of them in a row stop the run.
 """
@@ -46,7 +48,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import app.nn
-from app.data import DataError, Preprocessing, build_loaders, load_datalist, prepare_datalist, resolve_num_workers, scan_cases
+from app.data import (
+    DataError,
+    Preprocessing,
+    build_loaders,
+    load_datalist,
+    prepare_datalist,
+    resolve_num_workers,
+    scan_cases,
+    shutdown_workers,
+)
 from app.models import (
     build_model,
     deep_supervision_loss,
@@ -57,12 +68,12 @@ from app.models import (
 )
 from app.nn.fidelity import split_sketch_config
 from app.train.auto_patch import is_auto, resolve_auto_patch_size
-from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume
-from app.train.distributed import DistInfo, barrier, cleanup, init_distributed
-from app.train.state import rng_state, seed_epoch, seed_everything, set_rng_state
+from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume_on_rank0
+from app.train.distributed import DistInfo, barrier, broadcast_object, check_replicas, cleanup, gather_object, init_distributed
+from app.train.state import rank_rng, restore_rank_rng, rng_state, seed_epoch, seed_everything, set_rng_state
 from app.train.tracking import Tracker
 from app.train.validation import class_dice, mean_dice, validate
-from app.utils import amp_dtype
+from app.utils import amp_dtype, staggered
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "TrainingError", "train"]
 
@@ -245,7 +256,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.trainer.amp, "trainer.amp")
         if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
             log.warning("trainer.amp=fp16 on the CPU is slow and rarely useful; bf16 is the CPU's half type")
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = Path(broadcast_object(dist_info, str(cfg.output_dir)))  # rank 0's: it alone writes there
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.store = CheckpointStore(self.ckpt_dir)
         self.progress = _Progress()
@@ -253,35 +264,34 @@ class Trainer:
         self._last_batch: dict[str, torch.Tensor] | None = None
         self._previous_batch: dict[str, torch.Tensor] | None = None
         t = cfg.trainer
-        for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "max_bad_steps"):
+        for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "max_bad_steps", "ddp_check_every"):
             value = t.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise ValueError(f"trainer.{key} must be a number >= 0 or null, but got trainer.{key}={value!r}")
         self.every_steps = int(t.get("checkpoint_every_steps") or 0)
         self.every_seconds = 60.0 * float(t.get("checkpoint_every_minutes") or 0)
         self.max_bad_steps = int(t.get("max_bad_steps") or 0)
+        self.ddp_check_every = int(t.get("ddp_check_every") or 0)
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global_step) of the newest one written
         self._last_save_time = time.monotonic()
         self._resume_epoch: tuple[_EpochState, dict[str, Any]] | None = None  # mid-epoch state and its RNG
         self._bad_in_row = 0
         self._stop_signal: int | None = None
         self._stop_agreed = False
+        self._time_due = False  # rank 0's clock says a checkpoint is due (agreed with the step's flags)
         self._warned_data_wait = False
         self._first_step_of_process = True
 
     # ----------------------------------------------------------------------------- set-up
 
     def setup_data(self) -> None:
-        """Generate (rank 0 first) or locate the data set and validate every pair."""
+        """Generate (rank 0 first, then one process per other machine: :func:`app.utils.staggered`)
+        or locate the data set and validate every pair."""
         data = self.cfg.data
         if data.generate is not None:
             gen = OmegaConf.to_container(data.generate, resolve=True)
             gen["root"] = str(Path(gen["root"]).expanduser())
-            if not self.dist.is_main:
-                barrier(self.dist)
-            root = Path(instantiate(gen, _convert_="all"))
-            if self.dist.is_main:
-                barrier(self.dist)
+            root = Path(staggered(lambda: instantiate(gen, _convert_="all")))
         else:
             root = Path(str(data.root)).expanduser()
         self.datalist = load_datalist(root, val_fraction=data.val_fraction, seed=data.split_seed, validate=True)
@@ -429,8 +439,11 @@ class Trainer:
         self.grad_clip = None if o.grad_clip is None else float(o.grad_clip)
 
     def maybe_resume(self) -> None:
-        """``trainer.resume``: a path, or ``auto`` (the newest good checkpoint of this run folder)."""
-        found = find_resume(self.cfg.trainer.resume, self.ckpt_dir)
+        """``trainer.resume``: a path, or ``auto`` (the newest good checkpoint of this run folder), read by
+        rank 0 and handed to every rank. A run may resume with another number of processes: it
+        continues from the checkpoint's step, each rank with its own RNG state (fresh streams for a
+        rank the checkpoint has none for)."""
+        found = find_resume_on_rank0(self.cfg.trainer.resume, self.ckpt_dir, self.dist)
         if found is None:
             return
         path, ckpt = found
@@ -462,9 +475,18 @@ class Trainer:
         if partial:
             state = _EpochState(int(partial["epoch"]), int(partial["steps"]), [float(x) for x in partial["losses"]],
                                 int(partial.get("bad_steps", 0)))
-            self._resume_epoch = (state, ckpt["rng"])
-        set_rng_state(ckpt["rng"])
+        rng = rank_rng(ckpt, self.dist.rank)  # None: this rank had no counterpart in the checkpoint's run
+        if partial:
+            self._resume_epoch = (state, rng)
+        if rng is not None:
+            set_rng_state(rng)
         self.last_checkpoint = (path, self.progress.global_step)
+        was = int(ckpt.get("world_size", 1))
+        if was != self.dist.world_size and self.dist.is_main:
+            per_rank = int(self.cfg.trainer.batch_size) * int(self.cfg.trainer.grad_accum)
+            log.warning("resuming a run of %d process(es) with %d: a step now averages %d patches instead of %d, "
+                        "and the batches differ from an uninterrupted run's", was, self.dist.world_size,
+                        self.dist.world_size * per_rank, was * per_rank)
         where = f"epoch {state.epoch + 1}, step {state.steps} of it" if partial else f"epoch {self.progress.epoch + 1} done"
         log.info("resumed from %s: %s, step %d", path, where, self.progress.global_step)
 
@@ -541,7 +563,7 @@ class Trainer:
             state, rng = self._resume_epoch
             for _ in range(state.steps * accum):  # the loader's position in the epoch: redraw, drop
                 self._next_batch(batches)
-            set_rng_state(rng)
+            restore_rank_rng(rng, int(self.cfg.trainer.seed), epoch, self.dist.rank, self.progress.global_step)
         self._resume_epoch = None
         n_steps = min(self.steps_per_epoch, state.steps + self.total_steps - self.progress.global_step)
         step_times: list[float] = []
@@ -586,6 +608,11 @@ class Trainer:
                 if self.dist.is_main and every_console and step % every_console == 0:
                     log.info("step %d/%d: loss %.4f, %.3f s/step (data wait %.3f s)", step, self.total_steps, loss,
                              t2 - t0, t1 - t0)
+                if self.ddp_check_every and step % self.ddp_check_every == 0:
+                    problem = check_replicas(self.dist, _unwrap(self.model), step,
+                                             app.nn.probes.seed_state() if self.stochastic else None)
+                    if problem is not None:
+                        raise TrainingError(f"trainer.ddp_check_every: {problem}")
                 if self._stop_agreed:
                     self._stop(state)
                 if self._checkpoint_due(step):
@@ -640,34 +667,44 @@ class Trainer:
             )
 
     def _checkpoint_due(self, step: int) -> bool:
-        if not self.dist.is_main or self._bad_in_row:  # during a run of bad steps the last good one stays newest
+        """Whether ``last.pt`` is written after this step; the same answer on every rank."""
+        if self._bad_in_row:  # during a run of bad steps the last good one stays newest
             return False
         if self.every_steps and step % self.every_steps == 0:
             return True
-        return bool(self.every_seconds) and time.monotonic() - self._last_save_time >= self.every_seconds
+        return self._time_due
 
     def _save_last(self, state: _EpochState | None) -> Path:
+        """Write ``last.pt`` in the middle of an epoch: every rank hands in its RNG state, rank 0 writes."""
         started = time.perf_counter()
-        path = self.save(LAST, state)
+        rngs = gather_object(self.dist, rng_state())
+        if not self.dist.is_main:
+            path = self.ckpt_dir / LAST
+            self.last_checkpoint = (path, self.progress.global_step)
+            return path
+        path = self.save(LAST, state, rng_by_rank=rngs)
         log.info("step %d: wrote %s (%.2f s)", self.progress.global_step, path, time.perf_counter() - started)
         return path
 
     def _stop(self, state: _EpochState | None) -> None:
-        """Write ``last.pt`` (rank 0), wait for every rank, raise :class:`Preempted`."""
-        path = self._save_last(state) if self.dist.is_main else self.ckpt_dir / LAST
-        barrier(self.dist)
+        """Write ``last.pt`` (rank 0, with every rank's RNG state: a collective), raise :class:`Preempted`."""
+        path = self._save_last(state)
         raise Preempted(signal.Signals(self._stop_signal or signal.SIGTERM).name, self.progress.global_step, path)
 
     def _agree(self, bad: bool) -> bool:
-        """Whether this step is bad on any rank; also sets ``_stop_agreed`` when any rank got a signal."""
+        """Whether this step is bad on any rank; also sets ``_stop_agreed`` when any rank got a signal,
+        and ``_time_due`` when rank 0's ``trainer.checkpoint_every_minutes`` have passed."""
         stop = self._stop_signal is not None
+        due = (self.dist.is_main and bool(self.every_seconds)
+               and time.monotonic() - self._last_save_time >= self.every_seconds)
         if self.dist.enabled:
-            flags = torch.tensor([float(bad), float(stop)], device=self.device)
+            flags = torch.tensor([float(bad), float(stop), float(due)], device=self.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+            bad, stop, due = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
             if stop and self._stop_signal is None:
                 self._stop_signal = int(signal.SIGTERM)
         self._stop_agreed = stop
+        self._time_due = due
         return bad
 
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool]:
@@ -745,12 +782,14 @@ class Trainer:
         )
         return app.nn.fidelity_figures(report)
 
-    def save(self, name: str, partial: _EpochState | None = None) -> Path:
+    def save(self, name: str, partial: _EpochState | None = None, rng_by_rank: list[dict[str, Any]] | None = None) -> Path:
         """Write ``<output_dir>/checkpoints/<name>`` (rank 0) with the full training state.
 
         Args:
             name: ``last.pt`` or ``best.pt``.
             partial: the epoch in progress, for a checkpoint taken inside it (None at an epoch's end).
+            rng_by_rank: every rank's RNG state, in rank order (a checkpoint taken inside an epoch
+                under DDP); None: this process's (an epoch's end reseeds every stream anyway).
         """
         p = self.progress
         extra = {
@@ -765,7 +804,9 @@ class Trainer:
             "bad_steps": p.bad_steps,
             "history": p.history,
             "probe_allocation": self._allocation(),
-            "rng": rng_state(),
+            **({"rng_by_rank": rng_by_rank} if rng_by_rank and len(rng_by_rank) > 1 else {}),
+            "rng": rng_by_rank[0] if rng_by_rank else rng_state(),
+            "world_size": self.dist.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
         path = self.store.write(name, lambda target: save_checkpoint(
@@ -859,6 +900,7 @@ class Trainer:
         finally:
             for signum, previous in handlers.items():
                 signal.signal(signum, previous)
+            shutdown_workers(self.train_loader, self.val_loader)  # they ignore SIGTERM: stopped here, not at exit
             if self.tracker is not None:
                 self.tracker.finish()
         metrics["global_step"] = float(self.progress.global_step)

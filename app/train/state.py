@@ -5,12 +5,16 @@ Python ``random``, the sketch RNG of :mod:`app.nn`, MONAI's random transforms, t
 DataLoader's shuffling), so epoch ``e`` draws the same patches and probes whether the run
 went through without a stop or was resumed from the checkpoint of epoch ``e - 1``.
 The RNG states themselves are also stored in checkpoints (as plain tensors and lists,
-loadable with ``weights_only=True``) and restored on resume.
+loadable with ``weights_only=True``), one snapshot per rank under DDP, and each rank restores its
+own on resume (:func:`rank_rng`); a rank the checkpoint holds none for (a run resumed with more
+processes than it had) starts fresh streams of its own (:func:`restore_rank_rng`), never another
+rank's, so the ranks keep drawing different probes.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 import app.nn
 from app.nn.probes import seed_state, set_seed_state
 
-__all__ = ["derive_seed", "seed_everything", "seed_epoch", "rng_state", "set_rng_state"]
+__all__ = ["derive_seed", "seed_everything", "seed_epoch", "rng_state", "set_rng_state", "rank_rng", "restore_rank_rng"]
 
 
 def derive_seed(*keys: int) -> int:
@@ -98,3 +102,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
     s = state.get("sketch")  # optional: checkpoints without it still load
     if s is not None:
         set_seed_state((s["version"], tuple(s["internal"]), s["gauss_next"]))
+
+
+def rank_rng(ckpt: Mapping[str, Any], rank: int) -> dict[str, Any] | None:
+    """The RNG snapshot of ``rank`` in a checkpoint, or None when it holds none for that rank.
+
+    A checkpoint written under DDP in the middle of an epoch holds every rank's (``rng_by_rank``);
+    others hold rank 0's only (``rng``).
+    """
+    by_rank = ckpt.get("rng_by_rank")
+    if by_rank:
+        return by_rank[rank] if rank < len(by_rank) else None
+    return ckpt.get("rng") if rank == 0 else None
+
+
+def restore_rank_rng(state: dict[str, Any] | None, seed: int, epoch: int, rank: int, step: int) -> None:
+    """Restore ``state`` (from :func:`rank_rng`); None: seed torch, numpy, ``random`` and the sketch
+    RNG from ``(seed, epoch, rank, step)`` instead, streams no other rank draws from."""
+    if state is not None:
+        set_rng_state(state)
+        return
+    s = derive_seed(seed, epoch, rank, step, 2)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    app.nn.manual_seed(s)
