@@ -34,7 +34,8 @@ def _ramp(shape: tuple[int, ...] = CLIP) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_video_dataset(tmp_path_factory.mktemp("vid") / "ds", n_train=3, n_val=1, shape=(12, 24, 26))
+    return make_synthetic_video_dataset(tmp_path_factory.mktemp("vid") / "ds", n_train=3, n_val=1, shape=(12, 24, 26),
+                                        colour=False, masks="nifti")
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
@@ -93,9 +94,10 @@ def test_synthetic_video_dataset(video_root: Path) -> None:
         assert set(np.unique(np.asarray(label.dataobj)).tolist()) == {0, 1, 2}
         frames = read_video_volume(video_root / item["image"])
         assert frames.shape == (12, 24, 26)
-    assert make_synthetic_video_dataset(video_root, n_train=3, n_val=1, shape=(12, 24, 26)) == video_root
+    assert make_synthetic_video_dataset(video_root, n_train=3, n_val=1, shape=(12, 24, 26), colour=False,
+                                        masks="nifti") == video_root
     with pytest.raises(DataError, match=str(video_root)):
-        make_synthetic_video_dataset(video_root, n_train=3, n_val=1, shape=(12, 24, 28))
+        make_synthetic_video_dataset(video_root, n_train=3, n_val=1, shape=(12, 24, 28), colour=False, masks="nifti")
 
 
 def test_video_datalist_and_transforms(video_root: Path) -> None:

@@ -9,8 +9,11 @@ Two layouts are read:
 * A plain folder: ``imagesTr/`` and ``labelsTr/`` matched by base name; images may carry the
   nnU-Net channel suffix ``_0000`` (``case_0000.nii.gz`` pairs with ``case.nii.gz``).
 
-Images are NIfTI (3D, or 4D multi-channel) or video clips (``.mp4`` / ``.avi`` / ``.mkv``); labels
-are 3D NIfTI.
+Images are NIfTI (3D, or 4D multi-channel) or clips: video files (``.mp4`` / ``.avi`` / ``.mkv`` /
+``.webm``) or folders of numbered frame images. Labels are 3D NIfTI or, for clips, per-frame masks:
+a mask video or a folder of mask PNGs (:func:`app.data.video.read_mask_clip`). Without labels
+(``labels=False``, the restoration task) only the images are listed; a plain folder of clips is
+read too.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import numpy as np
 
 from app.data.errors import data_error
 from app.data.nifti import NIFTI_SUFFIXES, VolumeInfo, check_pair_info, is_nifti, read_header_info, strip_suffix
-from app.data.video import VIDEO_SUFFIXES, is_video, read_video_info
+from app.data.video import VIDEO_SUFFIXES, is_clip, is_frame_folder, is_video, open_clip, read_mask_clip, read_video_info
 
-__all__ = ["DataList", "check_pair", "load_datalist", "read_volume_info"]
+__all__ = ["DataList", "check_pair", "load_datalist", "read_label_info", "read_volume_info"]
 
 PathLikeStr = Union[str, "PathLike[str]"]
 
@@ -46,9 +49,10 @@ class DataList:
 
     Attributes:
         root: dataset folder (absolute).
-        train: training items ``{"image": abs path, "label": abs path}``.
+        train: training items ``{"image": abs path, "label": abs path}`` (``{"image"}`` only without labels).
         val: validation items, same form.
-        class_names: name of each label value, index = value; ``class_names[0]`` is background.
+        class_names: name of each label value, index = value; ``class_names[0]`` is background
+            (empty when the data list was loaded without labels).
         modality: e.g. ``"MRI"``, ``"CT"``, ``"FLAIR,T1w,t1gd,T2w"`` (one per channel) or ``"video"``.
         n_channels: image channels, when the headers were read (``validate=True``).
         median_spacing: median voxel size of the images, when the headers were read.
@@ -76,9 +80,21 @@ class DataList:
 
 
 def read_volume_info(path: PathLikeStr, verify_checksum: bool = False) -> VolumeInfo:
-    """:func:`~app.data.nifti.read_header_info` for NIfTI files, the video probe of :mod:`app.data.video` for clips."""
-    if is_video(path):
+    """:func:`~app.data.nifti.read_header_info` for NIfTI files, the clip probe of :mod:`app.data.video` for clips."""
+    if is_clip(path):
         return read_video_info(path)
+    return read_header_info(path, verify_checksum=verify_checksum)
+
+
+def read_label_info(path: PathLikeStr, verify_checksum: bool = False) -> VolumeInfo:
+    """The header of a label: NIfTI, or per-frame masks (mask video or PNG folder) probed as a clip.
+
+    Raises:
+        DataError: unreadable label, one line naming it.
+    """
+    if is_clip(path):
+        source = open_clip(path)
+        return VolumeInfo(source.path, source.shape, 1, np.eye(4), (1.0, 1.0, 1.0), "uint8")
     return read_header_info(path, verify_checksum=verify_checksum)
 
 
@@ -88,8 +104,8 @@ def check_pair(
     """Reads both headers and checks that the label fits the image (see :func:`~app.data.nifti.check_pair_info`).
 
     Args:
-        image_path: NIfTI image (3D or 4D multi-channel) or video clip.
-        label_path: 3D NIfTI label.
+        image_path: NIfTI image (3D or 4D multi-channel) or clip.
+        label_path: 3D NIfTI label, or a clip's masks (mask video or PNG folder).
         atol: affine tolerance.
         verify_checksum: also decompress ``.nii.gz`` files whole to check their CRC.
 
@@ -100,7 +116,10 @@ def check_pair(
         DataError: either file unreadable, or the pair disagrees (message names both files).
     """
     image = read_volume_info(image_path, verify_checksum=verify_checksum)
-    label = read_header_info(label_path, verify_checksum=verify_checksum)
+    label = read_label_info(label_path, verify_checksum=verify_checksum)
+    if is_clip(label_path) and label.shape != image.shape:
+        raise data_error(label.path, f"masks have {label.shape[0]} frames of {label.shape[1]}x{label.shape[2]}, but "
+                                     f"the clip {image.path} has {image.shape[0]} frames of {image.shape[1]}x{image.shape[2]}")
     check_pair_info(image, label, atol)
     return image, label
 
@@ -150,16 +169,17 @@ def _modality_from_json(meta: dict[str, Any]) -> str:
     return str(modality) if modality else "unknown"
 
 
-def _items_from_json(entries: Any, key: str, root: Path, meta_path: Path) -> list[dict[str, str]]:
+def _items_from_json(entries: Any, key: str, root: Path, meta_path: Path, labels: bool = True) -> list[dict[str, str]]:
+    keys = ("image", "label") if labels else ("image",)
     if not isinstance(entries, list):
-        raise data_error(meta_path, f"'{key}' must be a list of {{'image', 'label'}} objects")
+        raise data_error(meta_path, f"'{key}' must be a list of {{{', '.join(map(repr, keys))}}} objects")
     items = []
     for i, entry in enumerate(entries):
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("image", "label"))):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in keys)):
             raise data_error(
-                meta_path, f"{key}[{i}] must be an object with 'image' and 'label' paths (strings), got {entry!r}"
+                meta_path, f"{key}[{i}] must be an object with {' and '.join(map(repr, keys))} paths (strings), got {entry!r}"
             )
-        items.append({"image": _abs(root, entry["image"]), "label": _abs(root, entry["label"])})
+        items.append({k: _abs(root, entry[k]) for k in keys})
     return items
 
 
@@ -174,7 +194,9 @@ def _abs(root: Path, rel: str) -> str:
 
 
 def _case_id(image: Path) -> tuple[str, int | None]:
-    """``case_0000.nii.gz -> ("case", 0)``, ``case.mp4 -> ("case", None)``."""
+    """``case_0000.nii.gz -> ("case", 0)``, ``case.mp4 -> ("case", None)``, frame folder ``case/ -> ("case", None)``."""
+    if image.is_dir():
+        return image.name, None
     stem = strip_suffix(image.name, NIFTI_SUFFIXES + VIDEO_SUFFIXES)
     match = _CHANNEL_SUFFIX.search(stem)
     if match:
@@ -182,26 +204,48 @@ def _case_id(image: Path) -> tuple[str, int | None]:
     return stem, None
 
 
-def _items_from_folders(root: Path) -> list[dict[str, str]]:
+def _images_in(folder: Path) -> list[Path]:
+    """NIfTI files, video files and frame folders in ``folder`` (hidden and macOS ``._`` files skipped)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if not p.name.startswith(".") and (p.is_file() and (is_nifti(p) or is_video(p)) or is_frame_folder(p))
+    )
+
+
+def _items_from_folders(root: Path, labels: bool = True) -> list[dict[str, str]]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise data_error(images_dir, "images folder not found")
-    if not labels_dir.is_dir():
+    if labels and not labels_dir.is_dir():
         raise data_error(labels_dir, f"labels folder not found (needed for the images in {images_dir})")
-    images = sorted(
-        p
-        for p in images_dir.iterdir()
-        if p.is_file() and not p.name.startswith(".") and (is_nifti(p) or is_video(p))  # skips macOS ._ files
-    )
+    images = _images_in(images_dir)
     if not images:
         raise data_error(
-            images_dir, f"no images in the folder (expected {', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} files)"
+            images_dir, f"no images in the folder (expected {', '.join(NIFTI_SUFFIXES + VIDEO_SUFFIXES)} files "
+            "or folders of frame images)"
         )
-    labels = {
-        strip_suffix(p.name, NIFTI_SUFFIXES): p
+    if not labels:
+        return _image_items(images)
+    label_files = {  # NIfTI labels, mask videos, mask PNG folders
+        strip_suffix(p.name, NIFTI_SUFFIXES + VIDEO_SUFFIXES): p
         for p in sorted(labels_dir.iterdir())
-        if p.is_file() and not p.name.startswith(".") and is_nifti(p)
+        if not p.name.startswith(".") and (p.is_file() and (is_nifti(p) or is_video(p)) or p.is_dir())
     }
+    items = []
+    for case, image in _cases(images).items():
+        label = label_files.get(case)
+        if label is None:
+            raise data_error(labels_dir / f"{case}.nii.gz", f"label not found for image {image}")
+        items.append({"image": str(image), "label": str(label)})
+    return items
+
+
+def _image_items(images: list[Path]) -> list[dict[str, str]]:
+    return [{"image": str(image)} for image in _cases(images).values()]
+
+
+def _cases(images: list[Path]) -> dict[str, Path]:
+    """Case id -> image; refuses per-channel files and two images of one case."""
     by_case: dict[str, Path] = {}
     for image in images:
         case, channel = _case_id(image)
@@ -214,13 +258,7 @@ def _items_from_folders(root: Path) -> list[dict[str, str]]:
         if case in by_case:
             raise data_error(image, f"second image for case '{case}' (the first is {by_case[case]})")
         by_case[case] = image
-    items = []
-    for case, image in by_case.items():
-        label = labels.get(case)
-        if label is None:
-            raise data_error(labels_dir / f"{case}.nii.gz", f"label not found for image {image}")
-        items.append({"image": str(image), "label": str(label)})
-    return items
+    return by_case
 
 
 def _class_names_from_labels(items: list[dict[str, str]]) -> list[str]:
@@ -231,10 +269,13 @@ def _class_names_from_labels(items: list[dict[str, str]]) -> list[str]:
     top = 0
     for i in picks:
         path = items[i]["label"]
-        try:
-            data = np.asanyarray(nib.load(path).dataobj)
-        except Exception as e:  # noqa: BLE001  nibabel/gzip raise many types for broken files
-            raise data_error(path, f"cannot read label data ({type(e).__name__}: {e})") from e
+        if is_clip(path):
+            data = read_mask_clip(path)
+        else:
+            try:
+                data = np.asanyarray(nib.load(path).dataobj)
+            except Exception as e:  # noqa: BLE001  nibabel/gzip raise many types for broken files
+                raise data_error(path, f"cannot read label data ({type(e).__name__}: {e})") from e
         if data.size == 0:
             raise data_error(path, "label is empty")
         lo, hi = float(np.min(data)), float(np.max(data))
@@ -270,12 +311,16 @@ def _validate(items: list[dict[str, str]], meta_path: Path | None, verify_checks
     infos = []
     where = f" (listed in {meta_path})" if meta_path is not None else ""
     for item in items:
-        image, label = Path(item["image"]), Path(item["label"])
-        if not image.is_file():
+        image = Path(item["image"])
+        if not (image.is_file() or image.is_dir()):
             raise data_error(image, f"image file not found{where}")
-        if not label.is_file():
-            raise data_error(label, f"label file not found for image {image}{where}")
-        image_info, _ = check_pair(image, label, verify_checksum=verify_checksums)
+        if "label" in item:
+            label = Path(item["label"])
+            if not (label.is_file() or label.is_dir() and is_clip(image)):
+                raise data_error(label, f"label file not found for image {image}{where}")
+            image_info, _ = check_pair(image, label, verify_checksum=verify_checksums)
+        else:
+            image_info = read_volume_info(image, verify_checksum=verify_checksums)
         if infos and image_info.n_channels != infos[0].n_channels:
             raise data_error(
                 image,
@@ -293,6 +338,7 @@ def load_datalist(
     validate: bool = True,
     *,
     verify_checksums: bool = False,
+    labels: bool = True,
 ) -> DataList:
     """Finds a dataset's cases, splits them and (by default) checks every image/label pair.
 
@@ -308,6 +354,9 @@ def load_datalist(
         verify_checksums: with ``validate``, also decompress every ``.nii.gz`` whole to check its
             CRC: finds damage inside the voxel data, which the header checks and nibabel itself
             miss, at the cost of reading the whole dataset once. Default False.
+        labels: list image/label pairs (default); False lists the images only (a task without
+            labels, such as restoration): ``labelsTr/`` is not needed, the ``label`` entries of
+            ``dataset.json`` are ignored, and a folder holding clips itself (no ``imagesTr/``) is read.
 
     Returns:
         The :class:`DataList`; with ``validate``, ``n_channels``, ``median_spacing`` and
@@ -329,18 +378,23 @@ def load_datalist(
     if meta_path.is_file():
         meta = _read_json(meta_path)
         if "training" in meta:
-            items = _items_from_json(meta["training"], "training", root, meta_path)
+            items = _items_from_json(meta["training"], "training", root, meta_path, labels)
             if meta.get("validation"):
-                val = _items_from_json(meta["validation"], "validation", root, meta_path)
+                val = _items_from_json(meta["validation"], "validation", root, meta_path, labels)
         else:  # nnU-Net v2: no list, files in imagesTr / labelsTr
-            items = _items_from_folders(root)
-        class_names = _class_names_from_json(meta["labels"], meta_path) if "labels" in meta else None
+            items = _items_from_folders(root, labels)
+        class_names = _class_names_from_json(meta["labels"], meta_path) if "labels" in meta and labels else None
         modality = _modality_from_json(meta)
     elif (root / "imagesTr").is_dir():
         meta_path = None
-        items = _items_from_folders(root)
+        items = _items_from_folders(root, labels)
         class_names = None
         modality = "unknown"
+    elif not labels and (clips := [p for p in _images_in(root) if is_clip(p)]):
+        meta_path = None
+        items = _image_items(clips)
+        class_names = None
+        modality = "video"
     else:
         raise data_error(
             root,
@@ -349,12 +403,14 @@ def load_datalist(
         )
     if not items:
         raise data_error(meta_path or root, "no training cases listed")
-    if any(is_video(it["image"]) for it in items) and modality == "unknown":
+    if any(is_clip(it["image"]) for it in items) and modality == "unknown":
         modality = "video"
     train, val = (items, val) if val is not None else _split(items, val_fraction, seed)
 
     infos = _validate(train + val, meta_path, verify_checksums) if validate else []
-    if class_names is None:
+    if not labels:
+        class_names = []
+    elif class_names is None:
         class_names = _class_names_from_labels(train + val)
     datalist = DataList(root, train, val, class_names, modality)
     if infos:

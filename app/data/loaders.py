@@ -25,10 +25,18 @@ from monai.utils import look_up_option
 
 from app.data.datalist import DataList, read_volume_info
 from app.data.errors import data_error
-from app.data.patches import Augmentation, PatchDataset, SeededSampler, VolumeDataset
+from app.data.degrade import Degradation
+from app.data.patches import (
+    Augmentation,
+    PatchDataset,
+    RestorationPatchDataset,
+    RestorationVolumeDataset,
+    SeededSampler,
+    VolumeDataset,
+)
 from app.data.preprocess import CACHE_MODES, PreparedCases, prepare_cases
 from app.data.transforms import Preprocessing, normalize_patch_size, rotation_plane
-from app.data.video import is_video
+from app.data.video import is_clip
 from app.utils import staggered
 
 __all__ = [
@@ -102,7 +110,7 @@ def check_channels(items: Sequence[dict[str, str]], in_channels: int) -> None:
     """
     for item in items:
         image = item["image"]
-        if is_video(image):
+        if is_clip(image):
             if in_channels not in (1, 3):
                 raise data_error(image, f"video clips are read with 1 (grey) or 3 (RGB) channels, not {in_channels}")
             continue
@@ -225,6 +233,7 @@ def build_loaders(
     prefetch_factor: int = 2,
     device_type: str | None = None,
     progress: bool = False,
+    degradation: Degradation | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Builds the training loader (random patches of the preprocessed cases) and the validation loader (whole volumes).
 
@@ -257,12 +266,19 @@ def build_loaders(
         device_type: the training device's type (``"cuda"``/``"cpu"``): pins memory for CUDA and
             sizes ``num_workers="auto"``; None: CUDA when available.
         progress: a progress bar while preprocessing (when ``prepared`` is None).
+        degradation: the restoration task: no labels are read (``n_classes`` is not used),
+            training items are degraded windows (``image``) with their clean originals
+            (``label``), augmented geometrically in the workers
+            (:class:`~app.data.patches.RestorationPatchDataset`); validation items are whole
+            degraded clips with their clean originals. None (default): segmentation.
 
     Returns:
         ``(train_loader, val_loader)``. Training batches: ``image (B*num_samples, C, px, py, pz)``
         float32, ``label (B*num_samples, 1, px, py, pz)`` float32, ``seed (B*num_samples,)``.
         Validation batches: batch size 1, ``image (1, C, X, Y, Z)``, ``label (1, 1, X, Y, Z)``
-        after preprocessing.
+        after preprocessing. With ``degradation``, ``label`` has the image's ``C`` channels.
+        Clips (video files, frame folders) turn only in the frame plane ``(H, W)``: time is not
+        rotated into space.
 
     Raises:
         DataError: no training cases, class count or channel count mismatch, a bad case.
@@ -278,9 +294,12 @@ def build_loaders(
         raise ValueError(f"need batch_size >= 1 and prefetch_factor >= 1, got {batch_size=}, {prefetch_factor=}")
     if not datalist.train:
         raise data_error(datalist.root, "no training cases")
-    if n_classes < 2:
+    if degradation is not None and augment_on == "device":
+        raise ValueError("data.augment_on=device is not available for restoration (windows are degraded in the "
+                         "loader workers, after their augmentation); use data.augment_on=workers")
+    if degradation is None and n_classes < 2:
         raise ValueError(f"n_classes must be >= 2 (background included), got n_classes={n_classes}")
-    if n_classes != datalist.n_classes:
+    if degradation is None and n_classes != datalist.n_classes:
         raise data_error(
             datalist.root,
             f"n_classes={n_classes} but the dataset has {datalist.n_classes} classes {datalist.class_names}",
@@ -290,10 +309,18 @@ def build_loaders(
         prepared = prepare_datalist(datalist, pre, n_classes, cache, cache_dir, distributed=distributed, progress=progress)
     train_cases, val_cases = prepared
 
-    augmentation = Augmentation(plane=rotation_plane(patch))
-    train_ds = PatchDataset(train_cases, patch, n_classes, num_samples, oversample_foreground,
-                            augmentation if augment_on == "workers" else None)
-    val_ds = VolumeDataset(val_cases)
+    clips = all(is_clip(it["image"]) for it in datalist.train + datalist.val)
+    plane = ((1, 2) if patch[1] == patch[2] else None) if clips else rotation_plane(patch)
+    if degradation is not None:
+        geometric = Augmentation(plane=plane, scale_prob=0.0, shift_prob=0.0, noise_prob=0.0)
+        train_ds: Any = RestorationPatchDataset(train_cases, patch, degradation, num_samples, geometric)
+        val_ds: Any = RestorationVolumeDataset(val_cases, degradation, seed=seed)
+        augmentation = geometric
+    else:
+        augmentation = Augmentation(plane=plane)
+        train_ds = PatchDataset(train_cases, patch, n_classes, num_samples, oversample_foreground,
+                                augmentation if augment_on == "workers" else None)
+        val_ds = VolumeDataset(val_cases)
     pin = device_type == "cuda"
     train_sampler = SeededSampler(len(train_ds), seed=seed, num_replicas=world, rank=rank, shuffle=True)
     val_sampler = MonaiDistributedSampler(val_ds, even_divisible=False, shuffle=False) if distributed else None

@@ -17,10 +17,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from app.data.degrade import Degradation
 from app.data.preprocess import PreparedCases, PreprocessedCase
 from app.data.transforms import rotation_plane
 
-__all__ = ["Augmentation", "PatchDataset", "SeededSampler", "VolumeDataset", "crop_patch", "patch_corner"]
+__all__ = [
+    "Augmentation",
+    "PatchDataset",
+    "RestorationPatchDataset",
+    "RestorationVolumeDataset",
+    "SeededSampler",
+    "VolumeDataset",
+    "crop_patch",
+    "patch_corner",
+]
 
 
 class SeededSampler(DistributedSampler):
@@ -241,3 +251,84 @@ class VolumeDataset(Dataset):
         case = self.cases.case(int(index))
         return {"image": torch.from_numpy(np.array(case.image, dtype=np.float32)),
                 "label": torch.from_numpy(np.array(case.label, dtype=np.float32))}
+
+
+class RestorationPatchDataset(Dataset):
+    """Random training windows for restoration; items are ``(index, seed)`` pairs from :class:`SeededSampler`.
+
+    A window is cut from the clean clip (uniformly: there are no labels to oversample), augmented
+    geometrically (flips, turns; no intensity changes, which would make the target ambiguous), then
+    degraded into the input.
+
+    Args:
+        cases: the preprocessed training clips (values in [0, 1]).
+        patch_size: ``(T, H, W)`` of a window.
+        degradation: makes the input from the clean window.
+        num_samples: windows per item.
+        augmentation: geometric augmentation of the clean window; None for none.
+
+    Returns (per item):
+        A list of ``num_samples`` dicts: ``image (C, T, H, W)`` the degraded window, ``label (C, T, H, W)``
+        the clean one (float32), ``seed`` (int64 scalar).
+    """
+
+    def __init__(
+        self,
+        cases: PreparedCases,
+        patch_size: Sequence[int],
+        degradation: Degradation,
+        num_samples: int = 1,
+        augmentation: Augmentation | None = None,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got num_samples={num_samples}")
+        self.cases = cases
+        self.patch = tuple(int(p) for p in patch_size)
+        self.degradation = degradation
+        self.num_samples = num_samples
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RestorationPatchDataset:
+        """No state to seed (MONAI's loaders call this): each item carries its own seed."""
+        return self
+
+    def __getitem__(self, item: tuple[int, int] | int) -> list[dict[str, torch.Tensor]]:
+        index, seed = item if isinstance(item, tuple) else (int(item), 0)
+        case = self.cases.case(index)
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(self.num_samples):
+            corner = patch_corner(case, self.patch, rng, 0.0)
+            aug_seed, noise_seed = (int(v) for v in rng.integers(2**62, size=2))
+            clean = torch.from_numpy(crop_patch(case.image, corner, self.patch))
+            if self.augmentation is not None:
+                clean, _ = self.augmentation(clean, clean[:1], aug_seed)
+            degraded = torch.from_numpy(self.degradation(clean.numpy(), noise_seed))
+            out.append({"image": degraded, "label": clean, "seed": torch.tensor(aug_seed, dtype=torch.int64)})
+        return out
+
+
+class RestorationVolumeDataset(Dataset):
+    """Whole clips for restoration validation: ``image`` degraded, ``label`` clean, both ``(C, T, H, W)`` float32.
+
+    Clip ``i`` is degraded with seed ``seed + i`` once and kept, so every validation scores the same inputs.
+    """
+
+    def __init__(self, cases: PreparedCases, degradation: Degradation, seed: int = 0) -> None:
+        self.cases = cases
+        self.degradation = degradation
+        self.seed = int(seed)
+        self._degraded: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        clean = np.array(self.cases.case(index).image, dtype=np.float32)
+        if index not in self._degraded:
+            self._degraded[index] = self.degradation(clean, self.seed + index)
+        return {"image": torch.from_numpy(self._degraded[index]), "label": torch.from_numpy(clean)}

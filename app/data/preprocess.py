@@ -6,11 +6,15 @@ from the stored arrays. A stored case (an *entry*) is three ``.npy`` files and a
 cache folder, named by the case's key:
 
 * ``<key>.image.npy``: ``(C, X, Y, Z)`` float32, the preprocessed image;
-* ``<key>.label.npy``: ``(1, X, Y, Z)`` uint8 (int16 above 255 classes), the label on the same grid;
+* ``<key>.label.npy``: ``(1, X, Y, Z)`` uint8 (int16 above 255 classes), the label on the same grid
+  (``(1, 0, 0, 0)`` for a case without a label, as the restoration task reads them);
 * ``<key>.locations.npy``: ``(N, 3)`` int32 voxel indices of foreground classes 1, 2, ... (at most
   :data:`MAX_LOCATIONS_PER_CLASS` per class, drawn with a fixed seed), for foreground oversampling;
 * ``<key>.json``: shapes, label range, locations per class, the source files. Written last: an
   entry exists when its json does.
+
+Clips (video files and frame folders) are stored decoded, so training cuts its windows of frames
+from the memory-mapped array instead of decoding the clip again.
 
 The key is a hash of the bytes of the image and label files, the preprocessing settings, the
 format version and the versions of the libraries that compute the arrays (MONAI, torch, nibabel,
@@ -56,7 +60,7 @@ from app.data.scan import (
     read_nifti_image_checked,
 )
 from app.data.transforms import Preprocessing, preprocessing_transforms
-from app.data.video import VideoReader, is_video, read_video_volume
+from app.data.video import VideoReader, is_clip, read_mask_clip, read_video_volume
 from app.utils import atomic_path
 
 __all__ = [
@@ -89,19 +93,27 @@ _DIGEST_CHUNK = 1 << 22
 _SUFFIXES = (".image.npy", ".label.npy", ".locations.npy", ".json")
 
 
-def file_digest(path: PathLikeStr) -> str:
-    """sha256 of a file's bytes, as hex.
+def file_digest(path: PathLikeStr | None) -> str:
+    """sha256 of a file's bytes, as hex; of a folder (frame images), of its files' names and bytes
+    in name order; ``""`` for None (no file).
 
     Raises:
         DataError: the file cannot be read.
     """
+    if path is None:
+        return ""
     h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_DIGEST_CHUNK):
-                h.update(chunk)
-    except OSError as e:
-        raise data_error(path, f"cannot read the file ({type(e).__name__}: {e})") from e
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(f"\0{f.name}\0".encode())
+        try:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(_DIGEST_CHUNK):
+                    h.update(chunk)
+        except OSError as e:
+            raise data_error(f, f"cannot read the file ({type(e).__name__}: {e})") from e
     return h.hexdigest()
 
 
@@ -127,10 +139,10 @@ class PreprocessedCase:
 
     Attributes:
         image: ``(C, X, Y, Z)`` float32 (a read-only memory map for a stored entry).
-        label: ``(1, X, Y, Z)`` integer classes on the image's grid.
+        label: ``(1, X, Y, Z)`` integer classes on the image's grid (``(1, 0, 0, 0)``: no label).
         locations: for each foreground class ``1..K`` (``K`` the largest label value), an
             ``(n, 3)`` int32 array of voxel indices holding that class (``n = 0`` where absent).
-        source: the ``{"image", "label"}`` paths it came from.
+        source: the ``{"image", "label"}`` paths it came from (``{"image"}`` without a label).
         label_range: ``(min, max)`` of the label values before preprocessing.
     """
 
@@ -201,10 +213,10 @@ class _PreloadedReader(ImageReader):
 
 
 def _read_checked(item: dict[str, str], pre: Preprocessing, n_classes: int) -> tuple[_PreloadedReader, float, float]:
-    """Reads image and label whole and runs the voxel checks; returns the reader and the label range."""
-    image, label = item["image"], item["label"]
+    """Reads image and label (if any) whole and runs the voxel checks; returns the reader and the label range."""
+    image, label = item["image"], item.get("label")
     loaded: dict[str, tuple[ImageReader, Any]] = {}
-    if is_video(image):
+    if is_clip(image):
         volume = read_video_volume(image, grayscale=pre.in_channels == 1)
         check_image_voxels(image, volume)
         shape = tuple(volume.shape[-3:])
@@ -214,7 +226,13 @@ def _read_checked(item: dict[str, str], pre: Preprocessing, n_classes: int) -> t
         check_image_voxels(image, _voxels(image, img))
         shape = tuple(img.shape[:3])
         loaded[image] = (NibabelReader(), correct_nifti_header_if_necessary(img))
-    lab = read_nifti_image_checked(label)
+    if label is None:
+        return _PreloadedReader(loaded), 0.0, 0.0
+    if is_clip(label):  # per-frame masks: class ids on the clip's grid, handed over as an in-memory NIfTI
+        masks = read_mask_clip(label, *shape, clip=image)
+        lab = nib.Nifti1Image(masks.astype(_label_dtype(float(masks.max(initial=0)))), np.eye(4))
+    else:
+        lab = read_nifti_image_checked(label)
     values = _voxels(label, lab)
     check_label_voxels(label, values, n_classes)
     if shape != tuple(lab.shape[:3]):  # a clip whose frames did not all decode
@@ -241,9 +259,10 @@ def preprocess_case(
     """Runs the deterministic preprocessing on one case (no cache).
 
     Args:
-        item: ``{"image", "label"}`` paths.
+        item: ``{"image", "label"}`` paths, or ``{"image"}`` alone (the label is then empty,
+            ``(1, 0, 0, 0)``).
         pre: the settings.
-        n_classes: classes including background; needed with ``check``.
+        n_classes: classes including background; needed with ``check`` (not read without a label).
         check: read both files whole first and run the voxel checks of :mod:`app.data.scan`
             (NaN/inf, damaged ``.nii.gz``, constant image, label values); else load them as
             ``LoadImaged`` does. The arrays are the same either way.
@@ -255,7 +274,8 @@ def preprocess_case(
     Raises:
         DataError: naming the file at fault.
     """
-    transforms = preprocessing_transforms(pre, ("image", "label"), with_label=True)
+    with_label = "label" in item
+    transforms = preprocessing_transforms(pre, ("image", "label"), with_label=with_label)
     load, rest = transforms[0], Compose(transforms[1:])
     if check:
         if n_classes is None:
@@ -265,6 +285,8 @@ def preprocess_case(
     else:
         data = rest(load(dict(item)))
     image = np.ascontiguousarray(data["image"].as_subclass(torch.Tensor).numpy(), dtype=np.float32)
+    if not with_label:
+        return PreprocessedCase(image, np.zeros((1, 0, 0, 0), np.uint8), [], dict(item), (0.0, 0.0))
     raw_label = data["label"].as_subclass(torch.Tensor).numpy()
     if not check:
         lo, hi = (float(raw_label.min()), float(raw_label.max())) if raw_label.size else (0.0, 0.0)
@@ -427,10 +449,11 @@ def _prepare_one(
     """``(case in memory or None, key or None, whether it was computed)`` for one item."""
     if mode == "disk":
         assert store is not None
-        key = case_key(file_digest(item["image"]), file_digest(item["label"]), pre)
+        key = case_key(file_digest(item["image"]), file_digest(item.get("label")), pre)
         cached = store.load(key, mmap=True)
         if cached is not None:
-            check_label_range(item["label"], *cached.label_range, n_classes)
+            if "label" in item:
+                check_label_range(item["label"], *cached.label_range, n_classes)
             return None, key, False
         store.save(key, preprocess_case(item, pre, n_classes, check=True))
         return None, key, True

@@ -26,7 +26,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from app.data.errors import DataError, data_error
 from app.data.transforms import Preprocessing
-from app.data.video import is_video, read_video_volume
+from app.data.video import is_clip, read_mask_clip, read_video_volume
 
 __all__ = [
     "check_image_voxels",
@@ -130,7 +130,7 @@ def check_label_range(path: PathLikeStr, lo: float, hi: float, n_classes: int) -
 
 def _check_image(path: str, in_channels: int) -> tuple[int, ...]:
     """Reads an image whole; returns its spatial shape."""
-    if is_video(path):
+    if is_clip(path):
         volume = read_video_volume(path, grayscale=in_channels == 1)
         shape = tuple(volume.shape[-3:])
     else:
@@ -140,9 +140,9 @@ def _check_image(path: str, in_channels: int) -> tuple[int, ...]:
     return shape
 
 
-def _check_label(path: str, n_classes: int) -> tuple[int, ...]:
-    """Reads a label whole; returns its shape."""
-    label = read_nifti_checked(path)
+def _check_label(path: str, n_classes: int, clip: str) -> tuple[int, ...]:
+    """Reads a label (NIfTI, or a clip's masks) whole; returns its shape."""
+    label = read_mask_clip(path, clip=clip) if is_clip(path) else read_nifti_checked(path)
     check_label_voxels(path, label, n_classes)
     return tuple(label.shape[:3])
 
@@ -150,7 +150,9 @@ def _check_label(path: str, n_classes: int) -> tuple[int, ...]:
 def _check_case(item: dict[str, str], n_classes: int, in_channels: int) -> DataError | None:
     try:
         shape = _check_image(item["image"], in_channels)
-        label_shape = _check_label(item["label"], n_classes)
+        if "label" not in item:
+            return None
+        label_shape = _check_label(item["label"], n_classes, item["image"])
     except DataError as e:
         return e
     if shape != label_shape:  # a clip whose frames did not all decode
@@ -162,7 +164,8 @@ def scan_cases(items: Sequence[dict[str, str]], n_classes: int, pre: Preprocessi
     """Reads every image and label whole and checks their voxels (see the module docstring).
 
     Args:
-        items: ``{"image", "label"}`` paths (training and validation cases).
+        items: ``{"image", "label"}`` paths (training and validation cases); ``{"image"}`` alone
+            for a case without a label.
         n_classes: classes including background; label values must be ``0..n_classes-1``.
         pre: pre-processing settings (``in_channels`` picks grey or RGB decoding of clips).
 

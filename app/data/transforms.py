@@ -18,6 +18,7 @@ from monai.transforms import (
     CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
+    LoadImage,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -35,7 +36,7 @@ from monai.transforms import (
 from monai.utils import look_up_option
 
 from app.data.errors import DataError, data_error
-from app.data.video import VideoReader
+from app.data.video import MaskClipReader, VideoReader, is_clip
 
 __all__ = [
     "INTENSITY_MODES",
@@ -208,12 +209,39 @@ class LoadVolumed(LoadImaged):
     """``LoadImaged`` whose failures raise :class:`~app.data.errors.DataError` naming the file.
 
     Header checks (:func:`app.data.load_datalist`) cannot see damage inside a compressed voxel
-    block; such a file fails here, on first load, with its path in the message.
+    block; such a file fails here, on first load, with its path in the message. A clip under one
+    of ``mask_keys`` (a mask video or a folder of mask PNGs) is read as class ids by
+    :class:`~app.data.video.MaskClipReader`, not as an image.
+
+    Args:
+        keys: as ``LoadImaged``.
+        mask_keys: label keys whose clips hold per-frame masks.
+        args, kwargs: as ``LoadImaged``.
     """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, *args: Any, mask_keys: Sequence[Hashable] = (), **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        self.mask_keys = tuple(mask_keys)
+        self._mask_loader = LoadImage(reader=MaskClipReader(), image_only=self._loader.image_only)
+
+    def _load(self, data: Mapping[Hashable, Any], reader: Any) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            masks = reader is None and key in self.mask_keys and is_clip(d[key])
+            out = (self._mask_loader if masks else self._loader)(d[key], reader)
+            if self._loader.image_only:
+                d[key] = out
+                continue
+            d[key] = out[0]
+            meta_key = meta_key or f"{key}_{meta_key_postfix}"
+            if meta_key in d and not self.overwriting:
+                raise KeyError(f"Metadata with key {meta_key} already exists and overwriting=False.")
+            d[meta_key] = out[1]
+        return d
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         try:
-            return super().__call__(data, reader)
+            return self._load(data, reader)
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001  readers raise many types; all become one DataError
@@ -231,8 +259,9 @@ def preprocessing_transforms(
 ) -> list:
     """Deterministic loading and preprocessing, invertible with ``monai.transforms.Invertd``.
 
-    Steps: ``LoadImaged`` (metadata kept; NIfTI via nibabel, ``.mp4``/``.avi``/``.mkv`` via
-    :class:`~app.data.video.VideoReader`, chosen per file), ``EnsureChannelFirstd``, channel
+    Steps: ``LoadImaged`` (metadata kept; NIfTI via nibabel, clips via
+    :class:`~app.data.video.VideoReader`, chosen per file; a label that is a clip's masks via
+    :class:`~app.data.video.MaskClipReader`), ``EnsureChannelFirstd``, channel
     and NaN checks, ``Orientationd`` (only if ``pre.orientation``), ``Spacingd`` (bilinear image,
     nearest label; only if ``pre.spacing``), intensity (``NormalizeIntensityd`` non-zero
     channel-wise, or ``ScaleIntensityRanged``) and ``CropForegroundd`` (``allow_smaller=True``)
@@ -251,7 +280,7 @@ def preprocessing_transforms(
         raise ValueError(f"keys must be (image_key, label_key) when with_label=True, or (image_key,); got keys={keys}")
     image_key = keys[0]
     all_keys = keys[:2] if with_label else [image_key]
-    load = LoadVolumed(all_keys, image_only=False)
+    load = LoadVolumed(all_keys, image_only=False, mask_keys=all_keys[1:])
     # Registered after construction, so MONAI still picks readers by file suffix: the video
     # reader answers only for clips, NIfTI goes to the default readers.
     load.register(VideoReader(grayscale=pre.in_channels == 1))

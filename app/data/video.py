@@ -30,11 +30,12 @@ from PIL import Image, UnidentifiedImageError
 
 from app.data.errors import DataError, data_error
 from app.data.nifti import VolumeInfo, save_nifti
-from app.data.synthetic import bias_field, claim_dataset_root, decathlon_items, finish_dataset_root, nifti_image
+from app.data.synthetic import bias_field, claim_dataset_root, finish_dataset_root, nifti_image
 
 __all__ = [
     "FOLDER_FPS",
     "FRAME_SUFFIXES",
+    "MASK_FORMATS",
     "VIDEO_SUFFIXES",
     "ClipSource",
     "MaskClipReader",
@@ -47,6 +48,7 @@ __all__ = [
     "read_mask_clip",
     "read_video_info",
     "read_video_volume",
+    "write_mask_pngs",
     "write_video",
 ]
 
@@ -66,6 +68,11 @@ _CODECS: dict[str, tuple[tuple[str, str, str, dict[str, str]], ...]] = {
     ".mkv": (("ffv1", "gray", "yuv444p", {}), ("libx264", "yuvj444p", "yuv444p", {"qp": "0"})),
     ".avi": (("ffv1", "gray", "yuv444p", {}), ("mpeg4", "yuv420p", "yuv420p", {"qscale": "1"})),
     ".webm": (("libvpx-vp9", "gbrp", "gbrp", {"lossless": "1"}),),
+}
+# write_video(lossless=False): what browsers play.
+_PLAYABLE: dict[str, tuple[tuple[str, str, str, dict[str, str]], ...]] = {
+    ".mp4": (("libx264", "yuv420p", "yuv420p", {"crf": "20", "preset": "fast"}), ("mpeg4", "yuv420p", "yuv420p", {"qscale": "3"})),
+    ".webm": (("libvpx-vp9", "yuv420p", "yuv420p", {"crf": "30", "b": "0"}),),
 }
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 _NATURAL = re.compile(r"(\d+)")
@@ -442,15 +449,22 @@ def open_clip(path: PathLikeStr, *, fps: float | None = None) -> ClipSource:
     return _open_video(p)
 
 
-def read_mask_clip(path: PathLikeStr, n_frames: int, height: int, width: int, *, clip: PathLikeStr | None = None) -> np.ndarray:
+def read_mask_clip(
+    path: PathLikeStr,
+    n_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    clip: PathLikeStr | None = None,
+) -> np.ndarray:
     """Reads per-frame masks aligned with a clip: values are class ids.
 
     Args:
         path: a mask video (its grey values are the class ids: write it losslessly, e.g. with
             :func:`write_video`), or a folder of per-frame mask PNGs in natural order: palette
             PNGs give their palette indices, grey PNGs (8 or 16 bit) their values.
-        n_frames: frames of the clip the masks belong to.
-        height: its frame height.
+        n_frames: frames of the clip the masks belong to (None: not checked).
+        height: its frame height (None: not checked, with ``width``).
         width: its frame width.
         clip: the clip's path, named in mismatch errors.
 
@@ -467,14 +481,16 @@ def read_mask_clip(path: PathLikeStr, n_frames: int, height: int, width: int, *,
         files = _frame_files(p)
         if not files:
             raise data_error(p, f"folder holds no mask images ({', '.join(FRAME_SUFFIXES)})")
-        if len(files) != n_frames:
+        if n_frames is not None and len(files) != n_frames:
             raise data_error(p, f"{len(files)} mask frames, but{against} has {n_frames} frames")
-        masks = np.empty((n_frames, height, width), dtype=np.int64)
+        masks: np.ndarray | None = None
         for t, f in enumerate(files):
             try:
                 with Image.open(f) as img:
                     img.load()
                     mode = img.mode
+                    if height is None or width is None:
+                        height, width = img.size[1], img.size[0]
                     if img.size != (width, height):
                         raise data_error(f, f"mask frame is {img.size[1]}x{img.size[0]}, but{against} is {height}x{width}")
                     if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -485,9 +501,15 @@ def read_mask_clip(path: PathLikeStr, n_frames: int, height: int, width: int, *,
                 raise
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
                 raise data_error(f, f"cannot read the mask image ({type(e).__name__}: {e})") from e
-            masks[t] = array.astype(np.int64)
+            if masks is None:
+                masks = np.empty((len(files), height, width), dtype=np.int64)
+            masks[t] = array
+        assert masks is not None
         return masks
     source = open_clip(p)
+    n_frames = source.n_frames if n_frames is None else n_frames
+    if height is None or width is None:
+        height, width = source.height, source.width
     if source.n_frames != n_frames or (source.height, source.width) != (height, width):
         raise data_error(p, f"mask clip has {source.n_frames} frames of {source.height}x{source.width}, but{against} "
                             f"has {n_frames} frames of {height}x{width}")
@@ -564,7 +586,9 @@ def _encode(path: Path, frames: np.ndarray, fmt: str, fps: float, codec: str, pi
         container.mux(stream.encode(None))
 
 
-def write_video(path: PathLikeStr, volume: Any, fps: float = 10, codec: str | None = None) -> Path:
+def write_video(
+    path: PathLikeStr, volume: Any, fps: float = 10, codec: str | None = None, *, lossless: bool = True
+) -> Path:
     """Writes a volume as a clip, trying codecs PyAV ships until one opens.
 
     Grey clips are written so that every grey level reads back exactly (mask videos keep their
@@ -576,6 +600,9 @@ def write_video(path: PathLikeStr, volume: Any, fps: float = 10, codec: str | No
             (clipped) or integers in [0, 255]. Numpy array or torch tensor.
         fps: frame rate (fractional rates such as 29.97 are kept as 30000/1001).
         codec: force one FFmpeg encoder (e.g. ``"mpeg4"``); default: per container, see ``_CODECS``.
+        lossless: True (default) keeps the values as described above; False writes a small clip
+            that browsers and W&B play (``.mp4``: H.264 4:2:0 at crf 20; ``.webm``: VP9 4:2:0), an
+            odd frame size padded by one edge row / column.
 
     Returns:
         ``path`` as a Path.
@@ -602,6 +629,12 @@ def write_video(path: PathLikeStr, volume: Any, fps: float = 10, codec: str | No
         raise data_error(p, f"volume shape {array.shape} has no frames or frames smaller than 2x2")
     p.parent.mkdir(parents=True, exist_ok=True)
     candidates = _CODECS[suffix]
+    if not lossless:
+        if suffix not in _PLAYABLE:
+            raise data_error(p, f"lossless=False writes {sorted(_PLAYABLE)} clips only")
+        pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2)) + ((0, 0),) * (frames.ndim - 3)
+        frames = np.pad(frames, pad, mode="edge")  # 4:2:0 needs even sizes
+        candidates = _PLAYABLE[suffix]
     if codec is not None:
         candidates = tuple(c for c in candidates if c[0] == codec) or ((codec, "yuv420p", "yuv420p", {}),)
     errors = []
@@ -635,9 +668,9 @@ class VideoReader(ImageReader):
         self.max_frames = max_frames
 
     def verify_suffix(self, filename: Sequence[PathLikeStr] | PathLikeStr) -> bool:
-        """True when every given name is a video (``.mp4`` / ``.avi`` / ``.mkv``)."""
+        """True when every given name is a clip: a video file or a folder of frame images."""
         names = ensure_tuple(filename)
-        return len(names) > 0 and all(is_video(n) for n in names)
+        return len(names) > 0 and all(is_clip(n) for n in names)
 
     def read(self, data: Sequence[PathLikeStr] | PathLikeStr, **kwargs: Any) -> list[tuple[str, np.ndarray]]:
         """Decodes each clip with :func:`read_video_volume`; returns ``[(path, volume), ...]``."""
@@ -675,49 +708,113 @@ class VideoReader(ImageReader):
         return array, meta
 
 
+class MaskClipReader(ImageReader):
+    """MONAI reader for per-frame masks (a mask video or a folder of mask PNGs), for the label key.
+
+    Produces ``(T, H, W)`` int64 class ids (see :func:`read_mask_clip`; the frame count and size are
+    checked against the clip when the data list is loaded) with an identity affine, like
+    :class:`VideoReader`'s clips, so both stay on one grid through the transforms.
+    """
+
+    def verify_suffix(self, filename: Sequence[PathLikeStr] | PathLikeStr) -> bool:
+        """True for one name that is a video file or a folder of frame images."""
+        names = ensure_tuple(filename)
+        return len(names) == 1 and is_clip(names[0])
+
+    def read(self, data: Sequence[PathLikeStr] | PathLikeStr, **kwargs: Any) -> tuple[str, np.ndarray]:
+        """Reads the masks; returns ``(path, (T, H, W) int64)``."""
+        (name,) = ensure_tuple(data)
+        return str(name), read_mask_clip(name)
+
+    def get_data(self, img: tuple[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+        """Returns ``(array, meta)`` as :meth:`VideoReader.get_data` does for a grey clip."""
+        array = img[1]
+        return array, {"affine": np.eye(4), "original_affine": np.eye(4), "spatial_shape": np.asarray(array.shape),
+                       "space": "RAS", "original_channel_dim": float("nan")}
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic clips
 # --------------------------------------------------------------------------------------------
 
-_VIDEO_VERSION = 1
-_VIDEO_CLASSES = ("background", "bright_blob", "dim_blob")
+_VIDEO_VERSION = 2
+_VIDEO_CLASSES = ("background", "striped_object", "spotted_object")
+MASK_FORMATS = ("video", "png", "nifti")
+"""How :func:`make_synthetic_video_dataset` writes masks: a lossless grey mask video, a folder of
+palette PNGs (one per frame), or a ``(T, H, W)`` NIfTI volume."""
+# Palette of the mask PNGs: class 0 black, then the overlay colours.
+_MASK_PALETTE = [0, 0, 0, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200]
 
 
-def _synthetic_clip(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``(frames float32 (T, H, W) in [0, 1], label uint8 (T, H, W))``: blobs that move and deform.
+def _synthetic_clip(
+    shape: tuple[int, int, int], rng: np.random.Generator, colour: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames float32 (3, T, H, W) or (T, H, W) in [0, 1], label uint8 (T, H, W))``: textured objects that move.
 
-    Each blob is an ellipse whose centre moves on a straight line, whose axes pulse and which
-    turns over time; class 1 blobs are bright, class 2 blobs dim and more elongated.
+    The background is a smooth colour field with a faint fixed texture. Each object is an ellipse
+    whose centre moves on a straight line, whose axes pulse and which turns over time; its texture
+    turns with it: class 1 objects carry stripes in a warm colour, class 2 objects spots in a cool
+    colour (in grey: bright stripes, dim spots), so both the texture and the colour tell them apart.
     """
     t_len, height, width = shape
     label = np.zeros(shape, dtype=np.uint8)
     yy, xx = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
     small = min(height, width)
+    field = bias_field(shape, rng, strength=0.3)  # (T, H, W), ~[0.75, 1.3]
+    base = rng.uniform(0.15, 0.35, size=3).astype(np.float32)
+    grain = 0.04 * np.sin(xx * rng.uniform(0.3, 0.6) + yy * rng.uniform(0.3, 0.6))
+    frames = (base[:, None, None, None] * field[None] + grain[None, None]).astype(np.float32)  # (3, T, H, W)
     for cls in (1, 2, 1, 2)[: int(rng.integers(2, 5))]:
-        r0 = small * rng.uniform(0.1, 0.18)
-        elong = rng.uniform(1.0, 1.4) if cls == 1 else rng.uniform(1.6, 2.2)
+        r0 = small * rng.uniform(0.12, 0.2)
+        elong = rng.uniform(1.0, 1.6)
         p0 = rng.uniform([r0, r0], [height - r0, width - r0])
         p1 = rng.uniform([r0, r0], [height - r0, width - r0])
         phase, turn = rng.uniform(0, 2 * np.pi), rng.uniform(-np.pi, np.pi)
+        period = rng.uniform(3.0, 5.0)
+        hue = rng.uniform([0.75, 0.3, 0.05], [0.95, 0.6, 0.25]) if cls == 1 else rng.uniform([0.05, 0.35, 0.6], [0.3, 0.7, 0.95])
         for t in range(t_len):
             s = t / max(t_len - 1, 1)
             cy, cx = p0 + (p1 - p0) * s
-            r = r0 * (1.0 + 0.25 * np.sin(2 * np.pi * s + phase))
+            r = r0 * (1.0 + 0.2 * np.sin(2 * np.pi * s + phase))
             angle = phase + turn * s
             dy, dx = yy - cy, xx - cx
             u = dx * np.cos(angle) + dy * np.sin(angle)
             v = -dx * np.sin(angle) + dy * np.cos(angle)
-            inside = (u / (r * elong)) ** 2 + (v / (r / np.sqrt(elong))) ** 2 <= 1.0
-            label[t][inside & (label[t] == 0)] = cls
+            inside = ((u / (r * elong)) ** 2 + (v / r) ** 2 <= 1.0) & (label[t] == 0)
+            if cls == 1:
+                texture = 0.65 + 0.35 * np.sin(2 * np.pi * u / period)
+            else:
+                texture = 0.65 + 0.35 * np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)
+            for c in range(3):
+                frames[c, t][inside] = (hue[c] * texture)[inside]
+            label[t][inside] = cls
     for cls in (1, 2):  # make sure both classes appear
         if not np.any(label == cls):
             r = max(2.0, small * 0.1)
             cy, cx = rng.uniform([r, r], [height - r, width - r])
-            label[:, (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = cls
-    levels = np.array([0.2, 0.85, 0.5], dtype=np.float32)
-    frames = levels[label] * bias_field(shape, rng, strength=0.2)
-    frames += rng.normal(0.0, 0.03, size=shape).astype(np.float32)
-    return np.clip(frames, 0.0, 1.0).astype(np.float32), label
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            label[:, disc] = cls
+            frames[:, :, disc] = (0.85 if cls == 1 else 0.45)
+    frames += rng.normal(0.0, 0.02, size=frames.shape).astype(np.float32)
+    frames = np.clip(frames, 0.0, 1.0)
+    if not colour:
+        frames = (0.299 * frames[0] + 0.587 * frames[1] + 0.114 * frames[2]).astype(np.float32)
+    return frames.astype(np.float32), label
+
+
+def write_mask_pngs(folder: PathLikeStr, label: np.ndarray) -> Path:
+    """Writes ``(T, H, W)`` class ids as palette PNGs ``folder/00000.png, ...`` (values < 256)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(label)
+    if array.ndim != 3 or array.min() < 0 or array.max() > 255:
+        raise data_error(out, f"masks must be (T, H, W) with values 0..255, got shape {array.shape}")
+    digits = max(5, len(str(array.shape[0] - 1)))
+    for t, frame in enumerate(array.astype(np.uint8)):
+        img = Image.fromarray(frame, mode="P")
+        img.putpalette(_MASK_PALETTE + [0] * (768 - len(_MASK_PALETTE)))
+        img.save(out / f"{t:0{digits}d}.png")
+    return out
 
 
 def make_synthetic_video_dataset(
@@ -726,11 +823,16 @@ def make_synthetic_video_dataset(
     n_val: int = 1,
     shape: Sequence[int] = (16, 64, 64),
     seed: int = 0,
+    colour: bool = True,
+    masks: str = "video",
+    fps: float = 10.0,
 ) -> Path:
     """Writes (or reuses) a Decathlon-style video segmentation dataset.
 
-    Layout: ``imagesTr/clip_000.mp4`` (grey clips), ``labelsTr/clip_000.nii.gz`` (uint8 ``(T, H, W)``,
-    identity affine; 0 background, 1 bright blob, 2 dim blob), ``dataset.json`` with
+    Layout: ``imagesTr/clip_000.mp4`` (colour or grey clips), masks in ``labelsTr/`` as
+    ``clip_000.mp4`` (lossless grey mask video, ``masks="video"``), ``clip_000/00000.png ...``
+    (palette PNGs, ``"png"``) or ``clip_000.nii.gz`` (uint8 ``(T, H, W)``, identity affine,
+    ``"nifti"``); class 0 background, 1 striped object, 2 spotted object. ``dataset.json`` has
     ``"modality": "video"``, ``training`` / ``validation`` lists and the parameters under
     ``"synthetic_video"``. Readable by :func:`app.data.load_datalist` and the transforms.
 
@@ -740,38 +842,53 @@ def make_synthetic_video_dataset(
         n_val: number of validation clips.
         shape: ``(T, H, W)``; ``T >= 2``, ``H, W >= 8``.
         seed: random seed.
+        colour: RGB clips (default) or grey ones.
+        masks: one of :data:`MASK_FORMATS`.
+        fps: frame rate of the clips.
 
     Returns:
         ``root`` as a Path.
 
     Raises:
         DataError: ``root`` holds something else, or no codec could write the clips.
+        ValueError: bad ``shape``, counts or ``masks``.
     """
     shape_t = tuple(int(s) for s in shape)
     if len(shape_t) != 3 or shape_t[0] < 2 or min(shape_t[1:]) < 8:
         raise ValueError(f"shape must be (T, H, W) with T >= 2 and H, W >= 8, got shape={shape}")
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
+    if masks not in MASK_FORMATS:
+        raise ValueError(f"masks must be one of {list(MASK_FORMATS)}, but got masks={masks!r}")
     root = Path(root).expanduser()
-    params = {"version": _VIDEO_VERSION, "n_train": n_train, "n_val": n_val, "shape": shape_t, "seed": seed}
+    params = {"version": _VIDEO_VERSION, "n_train": n_train, "n_val": n_val, "shape": shape_t, "seed": seed,
+              "colour": bool(colour), "masks": masks, "fps": float(fps)}
     if claim_dataset_root(root, "synthetic_video", params):
         return root
     rng = np.random.default_rng(seed)
     names = [f"clip_{i:03d}" for i in range(n_train + n_val)]
+    label_suffix = {"video": ".mp4", "png": "", "nifti": ".nii.gz"}[masks]
     for name in names:
-        frames, label = _synthetic_clip(shape_t, rng)  # type: ignore[arg-type]
-        write_video(root / "imagesTr" / f"{name}.mp4", frames)
-        save_nifti(nifti_image(label, np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+        frames, label = _synthetic_clip(shape_t, rng, colour=colour)  # type: ignore[arg-type]
+        write_video(root / "imagesTr" / f"{name}.mp4", frames, fps=fps)
+        target = root / "labelsTr" / f"{name}{label_suffix}"
+        if masks == "video":
+            write_video(target, label, fps=fps)
+        elif masks == "png":
+            write_mask_pngs(target, label)
+        else:
+            save_nifti(nifti_image(label, np.eye(4)), target)
+    items = [{"image": f"./imagesTr/{n}.mp4", "label": f"./labelsTr/{n}{label_suffix}"} for n in names]
     meta = {
         "name": "stochprop-synthetic-video",
-        "description": "Moving, deforming bright / dim blobs; clips as (T, H, W) volumes",
+        "description": "Moving, turning striped / spotted objects on a smooth background; clips as (T, H, W) volumes",
         "tensorImageSize": "3D",
         "modality": "video",
         "labels": {str(k): n for k, n in enumerate(_VIDEO_CLASSES)},
         "numTraining": n_train,
         "numTest": 0,
-        "training": decathlon_items(names[:n_train], ".mp4"),
-        "validation": decathlon_items(names[n_train:], ".mp4"),
+        "training": items[:n_train],
+        "validation": items[n_train:],
         "test": [],
         "synthetic_video": params,
     }
