@@ -14,33 +14,43 @@ from app.infer.predict import AMP_MODES
 from app.models import CheckpointError
 
 DESCRIPTION = """\
-Segment NIfTI scans with a trained stochprop checkpoint.
+Segment NIfTI scans and video clips, or restore clips, with a trained stochprop checkpoint.
 
 The checkpoint carries the model, its pre-processing (orientation, spacing, intensity
-normalisation, foreground crop) and the class names. Each input is pre-processed the same
-way, segmented with gaussian-weighted sliding windows, and the prediction is mapped back
-onto the input's own voxel grid: the label map has the input's shape, affine and header.
+normalisation, foreground crop), the class names and its task (segmentation, or restoration
+when its run config says task: restoration). Each input is pre-processed the same way and run
+through gaussian-weighted sliding windows. A NIfTI prediction is mapped back onto the input's
+own voxel grid: the label map has the input's shape, affine and header. A clip (time as the
+first axis) is read and written window by window, never whole: its outputs have the input's
+frame count, frame size and frame rate.
 """
 
 EPILOG = """\
 inputs:
-  a .nii/.nii.gz file, a folder (its .nii/.nii.gz files), or a quoted glob ('scans/**/*.nii.gz')
+  a .nii/.nii.gz file, a video (.mp4/.avi/.mkv/.webm), a folder of numbered frames
+  (.png/.jpg/.jpeg: one clip), a folder (its NIfTI and video files), or a quoted glob
+  ('scans/**/*.nii.gz'). A model with in_channels=1 reads clips in grey, 3 in RGB.
 
 outputs (in OUTDIR):
   <name><suffix>.nii[.gz]       label map (uint8), same grid as the input
   <name>_prob.nii[.gz]          class probabilities in [0, 1], channels last, 16 bits (--save-probabilities)
-  summary.csv, summary.json     per file: status, class volumes in mL, seconds, output paths
+  <name><suffix>.mp4            clip: mask video, grey value = class id, lossless (H.264 lossless, 4:4:4)
+  <name>_overlay.mp4            clip: the frames with a coloured layer per class
+  <name>_restored.mp4           clip, restoration checkpoint: the restored clip
+  <name><suffix>_frames/        clip: one PNG per frame, 000000.png ... (--frames; masks or restored frames)
+  summary.csv, summary.json     per file: status, class volumes in mL (NIfTI), seconds, output paths
 
 Every output is written atomically: after a crash or a kill only complete files are there, and
 a re-run skips each input whose outputs all exist (label map, and probabilities with
---save-probabilities). Existing outputs and the summary are kept unless --overwrite is given.
-Exit status: 0 if every file was segmented or skipped, 1 if any file failed, 2 on a usage or
-checkpoint error.
+--save-probabilities; for a clip each of its outputs). Existing outputs and the summary are
+kept unless --overwrite is given. Exit status: 0 if every file was processed or skipped, 1 if
+any file failed, 2 on a usage or checkpoint error.
 
 examples:
   python -m app.infer run/best.pt scan.nii.gz -o seg/
   python -m app.infer run/best.pt scans/ -o seg/ --tta --save-probabilities
   python -m app.infer run/best.pt 'data/*/t1.nii.gz' -o seg/ --device cuda --roi 128 128 128
+  python -m app.infer run/best.pt clip.mp4 frames_dir/ -o seg/ --frames
 """
 
 
@@ -53,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) written by training")
-    p.add_argument("inputs", metavar="INPUT", nargs="+", help="NIfTI file, folder or glob pattern")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="NIfTI or video file, frame folder, folder or glob pattern")
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder (created if missing)")
     p.add_argument(
         "--suffix", default="_seg", help="added to the input's base name for the label map (default: %(default)s)"
@@ -107,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or argmax then nearest-neighbour labels (less memory)",
     )
     out.add_argument(
+        "--frames", action="store_true", help="clips: also write one PNG per frame (masks, or restored frames)"
+    )
+    out.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the input)"
     )
     out.add_argument(
@@ -140,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_probabilities=args.save_probabilities,
         resample=args.resample,
         overwrite=args.overwrite,
+        frames=args.frames,
         summary=None if args.no_summary else args.summary,
         progress=not args.no_progress,
     )
@@ -161,9 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r in results if r.status == "failed"]
     written = sum(r.status == "ok" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
+    verb = "restored" if results and all(r.task == "restoration" for r in results) else "segmented"
     if not args.quiet or failed:
         print(
-            f"{len(results)} file(s): {written} segmented, {skipped} skipped (existing output), {len(failed)} failed",
+            f"{len(results)} file(s): {written} {verb}, {skipped} skipped (existing output), {len(failed)} failed",
             file=sys.stderr,
         )
         if options["summary"] and not args.quiet and summary_error is None:

@@ -1,10 +1,15 @@
-"""Segment NIfTI files with a trained checkpoint and write label maps in the inputs' own space.
+"""Run a trained checkpoint over NIfTI files and video clips; write the results beside each other.
 
-Per file: load and pre-process as the checkpoint says, with training's chain
+NIfTI, per file: load and pre-process as the checkpoint says, with training's chain
 (:func:`app.data.transforms.infer_transforms`, settings read by :mod:`app.infer.preprocess`),
 sliding-window prediction (:mod:`app.infer.predict`), inversion of the spatial
 pre-processing back onto the input's voxel grid, then the label map (and optionally the
 class probabilities) written with the input's affine and header (:mod:`app.infer.files`).
+
+Clips (video files and frame folders), per clip: streamed window by window through the same
+sliding window (:mod:`app.infer.video`); a segmentation checkpoint gives a mask video and an
+overlay video, a restoration checkpoint (run config ``task: restoration``) the restored clip.
+
 A bad file gives a failed :class:`Result` with a one-line reason; the other files go on.
 """
 
@@ -31,23 +36,31 @@ from tqdm.auto import tqdm
 from app.data.errors import DataError
 from app.data.nifti import read_header_info
 from app.data.transforms import infer_transforms
-from app.infer.files import collect_inputs, output_path, voxel_volume_ml, write_like, write_probabilities, write_summary
+from app.infer.files import (
+    FileError,
+    collect_inputs,
+    input_stem,
+    output_path,
+    voxel_volume_ml,
+    write_like,
+    write_probabilities,
+    write_summary,
+)
 from app.infer.predict import WindowSettings, predict_logits, stitch_bytes
 from app.infer.preprocess import build_inverter, checkpoint_preprocessing
+from app.infer.video import ClipJob, ClipOutputs, check_clip_preprocessing, is_clip_input, open_source, read_channels
 from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
 from app.utils import atomic_path, resolve_amp, resolve_device
 
-__all__ = ["InferenceOptions", "OutputError", "Result", "Segmenter", "infer_files"]
+__all__ = ["TASKS", "FileError", "InferenceOptions", "OutputError", "Result", "Segmenter", "checkpoint_task", "infer_files"]
 
 logger = logging.getLogger("app.infer")
 
 RESAMPLE_MODES = ("probabilities", "labels")
+TASKS = ("segmentation", "restoration")
+"""What a checkpoint's network does: its run config's ``task`` (absent: segmentation)."""
 # ROI used when neither the options nor the checkpoint's model_config give one.
 FALLBACK_ROI = (96, 96, 96)
-
-
-class FileError(Exception):
-    """A per-file problem; the message is one line and names no path (the caller adds it)."""
 
 
 class OutputError(OSError):
@@ -86,6 +99,10 @@ class InferenceOptions:
             or ``"labels"`` (argmax first, nearest-neighbour resampling: less memory).
         overwrite: replace existing outputs; otherwise inputs with an existing label
             map are skipped. Default False.
+        frames: for clips, also write one PNG per frame (the mask, or the restored frame) into
+            a folder ``<name><suffix>_frames``. Default False.
+        overlay_suffix: appended to a clip's base name for the overlay video. Default ``"_overlay"``.
+        restored_suffix: appended to a clip's base name for the restored clip. Default ``"_restored"``.
         summary: file stem of the CSV/JSON summary in the output folder; None = none.
         progress: show a tqdm progress bar over files.
     """
@@ -103,6 +120,9 @@ class InferenceOptions:
     probability_suffix: str = "_prob"
     resample: str = "probabilities"
     overwrite: bool = False
+    frames: bool = False
+    overlay_suffix: str = "_overlay"
+    restored_suffix: str = "_restored"
     summary: str | None = "summary"
     progress: bool = False
 
@@ -115,6 +135,14 @@ class InferenceOptions:
             raise ValueError(f"resample must be one of {list(RESAMPLE_MODES)}, but got resample={self.resample!r}")
         if self.save_probabilities and self.probability_suffix == self.suffix:
             raise ValueError("probability_suffix must differ from suffix")
+        if self.overlay_suffix == self.suffix:
+            raise ValueError("overlay_suffix must differ from suffix")
+
+    @property
+    def output_suffixes(self) -> tuple[str, ...]:
+        """Every suffix an output's base name can end with (inputs named so in the output folder are skipped)."""
+        names = (self.suffix, self.probability_suffix, self.overlay_suffix, self.restored_suffix)
+        return tuple(n for n in names if n) + tuple(f"{n}_frames" for n in (self.suffix, self.restored_suffix))
 
 
 @dataclass
@@ -122,24 +150,30 @@ class Result:
     """Outcome of one input file.
 
     Attributes:
-        input: the input file.
+        input: the input file (or frame folder).
         status: ``"ok"`` (written), ``"skipped"`` (output existed, no ``overwrite``) or
             ``"failed"``.
-        output: the label map path (None when failed before it was known).
+        output: the label map, mask video or restored clip (None when failed before it was known).
         probabilities: the probability map path, when written.
+        overlay: a clip's overlay video.
+        frames: a clip's folder of per-frame PNGs.
         seconds: wall time spent on this file (load to write).
         volumes_ml: class name -> volume in mL, from the label map and the input's
-            voxel size (also filled for skipped files, from the existing output).
+            voxel size (also filled for skipped files, from the existing output); empty for clips.
         message: one-line reason for ``failed``/``skipped``; empty when ok.
+        task: ``"segmentation"`` or ``"restoration"``.
     """
 
     input: Path
     status: Literal["ok", "skipped", "failed"]
     output: Path | None = None
     probabilities: Path | None = None
+    overlay: Path | None = None
+    frames: Path | None = None
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    task: str = "segmentation"
 
     @property
     def ok(self) -> bool:
@@ -153,6 +187,8 @@ class Result:
             "status": self.status,
             "output": None if self.output is None else str(self.output),
             "probabilities": None if self.probabilities is None else str(self.probabilities),
+            "overlay": None if self.overlay is None else str(self.overlay),
+            "frames": None if self.frames is None else str(self.frames),
             "seconds": round(self.seconds, 3),
             "message": self.message,
             "volumes_ml": {k: round(v, 6) for k, v in self.volumes_ml.items()},
@@ -180,8 +216,24 @@ def class_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[
     return {name: float(counts[i]) * ml for i, name in enumerate(class_names)}
 
 
+def checkpoint_task(ckpt: dict[str, Any]) -> str:
+    """A checkpoint's task: its run config's ``task`` (or a top-level ``task`` key); absent = segmentation.
+
+    Raises:
+        ValueError: a task other than :data:`TASKS`.
+    """
+    config = ckpt.get("config")
+    task = config.get("task") if isinstance(config, dict) else None
+    if task is None:
+        task = ckpt.get("task")
+    task = "segmentation" if task is None else str(task)
+    if task not in TASKS:
+        raise ValueError(f"checkpoint task must be one of {list(TASKS)}, but got task={task!r}")
+    return task
+
+
 class Segmenter:
-    """A checkpoint ready to segment files: model on its device, transforms built.
+    """A checkpoint ready to segment (or restore) files: model on its device, transforms built.
 
     Args:
         checkpoint: path of a checkpoint written by :func:`app.models.save_checkpoint`.
@@ -200,6 +252,12 @@ class Segmenter:
         self.class_names: list[str] = [str(c) for c in ckpt["class_names"]]
         self.spatial_dims = int(self.model_config.get("spatial_dims", 3))
         self.in_channels = int(self.model_config["in_channels"])
+        self.task = checkpoint_task(ckpt)
+        if self.task == "restoration" and int(self.model_config["out_channels"]) != self.in_channels:
+            raise ValueError(
+                f"{self.checkpoint}: a restoration network must give as many channels as it takes, but "
+                f"in_channels={self.in_channels} and out_channels={self.model_config['out_channels']}"
+            )
         self.preprocessing = checkpoint_preprocessing(ckpt["preprocessing"], in_channels=self.in_channels)
         self.roi = self._resolve_roi(options.roi)
         self.sw_device = resolve_device(options.device, option="--device")
@@ -226,7 +284,8 @@ class Segmenter:
                 raise ValueError(f"ROI from {source} does not fit the network: {exc}") from exc
         return size
 
-    def _settings(self, spatial_shape: Sequence[int]) -> WindowSettings:
+    def window_settings(self, spatial_shape: Sequence[int]) -> WindowSettings:
+        """Window settings for a volume of ``spatial_shape``: stitched on the CPU when it is too large for the GPU."""
         stitch = self.sw_device
         if stitch.type == "cuda":
             need = stitch_bytes(spatial_shape, self.in_channels, len(self.class_names))
@@ -247,9 +306,11 @@ class Segmenter:
             device=stitch,
         )
 
-    def _predict(self, image: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        """Logits ``(K, *S')``; on CUDA out-of-memory while stitching on the GPU, retry stitching on the CPU."""
-        settings = self._settings(spatial)
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(K, *S)`` of a pre-processed ``(C, *S)`` volume; on CUDA out-of-memory while stitching
+        on the GPU, retry stitching on the CPU."""
+        spatial = tuple(image.shape[1:])
+        settings = self.window_settings(spatial)
         try:
             return predict_logits(self.model, image, settings)
         except torch.cuda.OutOfMemoryError:
@@ -277,6 +338,74 @@ class Segmenter:
         torch.cuda.empty_cache()
         out = inverter({"image": image, "pred": MetaTensor(pred)})["pred"]
         return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+    def check_input(self, path: Path) -> None:
+        """Checks an input before any work: a clip (:meth:`check_clip`) or a NIfTI header (:meth:`check_header`).
+
+        Raises:
+            FileError: one line saying what is wrong.
+        """
+        if is_clip_input(path):
+            self.check_clip(path)
+            return
+        if self.task != "segmentation":
+            raise FileError(f"a {self.task} checkpoint takes clips (video files or frame folders), not NIfTI files")
+        self.check_header(path)
+
+    def check_clip(self, path: Path) -> None:
+        """A clip's checks: it opens (not corrupt, truncated or empty), the model takes 1 or 3
+        channels, and the checkpoint's pre-processing can be streamed (:func:`check_clip_preprocessing`).
+
+        Raises:
+            FileError: one line saying what is wrong.
+        """
+        read_channels(self.in_channels)
+        check_clip_preprocessing(self.preprocessing)
+        with open_source(path):
+            pass
+
+    def clip_outputs(self, path: Path, out_dir: Path) -> ClipOutputs:
+        """The outputs of a clip in ``out_dir``: ``<name><suffix>.mp4`` (mask video; ``.mkv`` beyond 256
+        classes) and ``<name><overlay_suffix>.mp4`` for segmentation, ``<name><restored_suffix>.mp4``
+        for restoration, and with ``frames`` the PNG folder ``<name><suffix or restored_suffix>_frames``."""
+        stem, opts = input_stem(path), self.options
+        if self.task == "restoration":
+            main = out_dir / f"{stem}{opts.restored_suffix}.mp4"
+            frames = out_dir / f"{stem}{opts.restored_suffix}_frames" if opts.frames else None
+            return ClipOutputs(main, None, frames)
+        ext = ".mp4" if len(self.class_names) <= 256 else ".mkv"
+        frames = out_dir / f"{stem}{opts.suffix}_frames" if opts.frames else None
+        return ClipOutputs(out_dir / f"{stem}{opts.suffix}{ext}", out_dir / f"{stem}{opts.overlay_suffix}.mp4", frames)
+
+    def process_clip(self, path: Path, outputs: ClipOutputs) -> None:
+        """Segment or restore one clip, streamed window by window, and write its outputs.
+
+        Raises:
+            FileError: the clip cannot be processed (one-line reason); nothing is left behind.
+        """
+        with open_source(path) as source:
+            job = ClipJob(
+                source,
+                self.preprocessing,
+                self.in_channels,
+                self.task,
+                len(self.class_names),
+                self.predict,
+                self.window_settings,
+            )
+            job.run(outputs)
+
+    def check_existing_clip(self, path: Path) -> None:
+        """An existing clip output opens as a clip (frames folder: exists).
+
+        Raises:
+            FileError: it cannot be read.
+        """
+        try:
+            with open_source(path):
+                pass
+        except FileError as exc:
+            raise FileError(f"existing output {path.name} cannot be read ({exc}); use --overwrite to replace it") from exc
 
     def check_header(self, path: Path) -> nib.Nifti1Image:
         """The input's header, checked as training checks its data: readable, 3D or 3D + channels,
@@ -333,7 +462,7 @@ class Segmenter:
         spatial = tuple(image.shape[1:])
         if min(spatial) == 0:
             raise FileError("pre-processing left an empty volume (no foreground to crop?)")
-        logits = self._predict(image, spatial)
+        logits = self.predict(image)
 
         lab = logits.argmax(dim=0, keepdim=True).float() if self.options.resample == "labels" else None
         probs = None
@@ -393,6 +522,9 @@ def infer_files(
         One :class:`Result` per input file (and per input argument that matched
         nothing), in input order. A bad file is a failed result, not an exception.
 
+    Clips (video files, frame folders) go through :meth:`Segmenter.process_clip` instead (see
+    :mod:`app.infer.video`); with a restoration checkpoint only clips are accepted.
+
     Every input header is checked, and the output folder is created and test-written, before
     the first file is segmented; nothing is created when an argument is refused. Each output is
     written atomically (a kill leaves complete outputs only); an input is skipped when every output
@@ -413,7 +545,7 @@ def infer_files(
     opts = InferenceOptions(**options)
     out = Path(out_dir)
     segmenter = Segmenter(ckpt_path, opts)
-    files, problems = collect_inputs(inputs, exclude_dir=out, exclude_suffix=opts.suffix)
+    files, problems = collect_inputs(inputs, exclude_dir=out, exclude_suffix=opts.output_suffixes)
     _prepare_output_folder(out)
 
     results: list[Result] = [Result(input=p, status="failed", message=reason) for p, reason in problems]
@@ -422,12 +554,14 @@ def infer_files(
     usable = []
     for path in files:  # every header checked before the first file is segmented
         try:
-            segmenter.check_header(path)
+            segmenter.check_input(path)
         except FileError as exc:
             logger.warning("%s: %s", path, exc)
             results.append(Result(input=path, status="failed", message=str(exc)))
             continue
         usable.append(path)
+    if opts.save_probabilities and any(is_clip_input(p) for p in usable):
+        logger.warning("--save-probabilities applies to NIfTI inputs only; clips get no probability output")
     claimed: dict[Path, Path] = {}
     for path in tqdm(usable, desc="segmenting", unit="file", disable=not opts.progress):
         results.append(_run_one(segmenter, path, out, opts, claimed))
@@ -438,6 +572,7 @@ def infer_files(
         meta = {
             "checkpoint": str(segmenter.checkpoint),
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
+            "task": segmenter.task,
             "roi": list(segmenter.roi),
             "device": str(segmenter.sw_device),
             "amp": segmenter.amp,
@@ -484,6 +619,8 @@ def _prepare_output_folder(out: Path) -> None:
 def _run_one(
     segmenter: Segmenter, path: Path, out_dir: Path, opts: InferenceOptions, claimed: dict[Path, Path]
 ) -> Result:
+    if is_clip_input(path):
+        return _run_clip(segmenter, path, out_dir, opts, claimed)
     start = time.perf_counter()
     out_path = output_path(path, out_dir, opts.suffix)
     prob_path = output_path(path, out_dir, opts.probability_suffix) if opts.save_probabilities else None
@@ -525,3 +662,46 @@ def _run_one(
         seconds=time.perf_counter() - start,
         volumes_ml=volumes,
     )
+
+
+def _run_clip(
+    segmenter: Segmenter, path: Path, out_dir: Path, opts: InferenceOptions, claimed: dict[Path, Path]
+) -> Result:
+    """One clip: the same collision, skip and failure rules as a NIfTI file, for every output of the clip."""
+    start = time.perf_counter()
+    task = segmenter.task
+    outputs = segmenter.clip_outputs(path, out_dir)
+    for out_path in outputs.paths:
+        key = out_path.resolve()
+        if key in claimed:
+            msg = f"output {out_path.name} would collide with that of {claimed[key]}"
+            logger.warning("%s: %s", path, msg)
+            return Result(input=path, status="failed", message=msg, task=task)
+        if key == path.resolve():
+            msg = f"output {out_path.name} would replace the input"
+            logger.warning("%s: %s", path, msg)
+            return Result(input=path, status="failed", message=msg, task=task)
+    for out_path in outputs.paths:
+        claimed[out_path.resolve()] = path
+    done = dict(input=path, output=outputs.main, overlay=outputs.overlay, frames=outputs.frames, task=task)
+    if not opts.overwrite and all(p.exists() for p in outputs.paths):
+        try:
+            segmenter.check_existing_clip(outputs.main)
+        except FileError as exc:
+            logger.warning("%s: %s", path, exc)
+            return Result(input=path, status="failed", message=str(exc), task=task)
+        names = " and ".join(p.name for p in outputs.paths)
+        msg = (f"{names} exists; kept (use --overwrite to replace it)" if len(outputs.paths) == 1
+               else f"{names} exist; kept (use --overwrite to replace them)")
+        logger.info("%s: skipped, %s", path, msg)
+        return Result(status="skipped", message=msg, **done)  # type: ignore[arg-type]
+    try:
+        segmenter.process_clip(path, outputs)
+    except FileError as exc:
+        logger.warning("%s: %s", path, exc)
+        return Result(input=path, status="failed", message=str(exc), seconds=time.perf_counter() - start, task=task)
+    except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+        msg = _one_line(exc)
+        logger.warning("%s: %s", path, msg)
+        return Result(input=path, status="failed", message=msg, seconds=time.perf_counter() - start, task=task)
+    return Result(status="ok", seconds=time.perf_counter() - start, **done)  # type: ignore[arg-type]

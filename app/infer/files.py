@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import os
-
-from collections.abc import Iterable, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,16 @@ import nibabel as nib
 import numpy as np
 
 from app.data.nifti import NIFTI_SUFFIXES, is_nifti
+from app.data.video import VIDEO_SUFFIXES, is_frame_folder, is_video
 from app.utils import atomic_path
 
 __all__ = [
+    "FileError",
     "split_nifti_name",
+    "input_stem",
     "output_path",
     "collect_inputs",
+    "atomic_folder",
     "write_like",
     "write_probabilities",
     "voxel_volume_ml",
@@ -28,6 +34,10 @@ __all__ = [
 ]
 
 _GLOB_CHARS = set("*?[")
+
+
+class FileError(Exception):
+    """A per-file problem; the message is one line and names no path (the caller adds it)."""
 
 
 def split_nifti_name(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -43,6 +53,23 @@ def split_nifti_name(path: str | os.PathLike[str]) -> tuple[str, str]:
     raise ValueError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
 
 
+def input_stem(path: str | os.PathLike[str]) -> str:
+    """Base name of an input: ``case.nii.gz`` -> ``case``, ``clip.mp4`` -> ``clip``, frame folder ``clip/`` -> ``clip``."""
+    p = Path(path)
+    if is_nifti(p):
+        return split_nifti_name(p)[0]
+    name = p.name
+    for ext in VIDEO_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_input_file(p: Path) -> bool:
+    """A NIfTI or video file that is not hidden."""
+    return p.is_file() and (is_nifti(p) or is_video(p)) and not p.name.startswith(".")
+
+
 def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str) -> Path:
     """Output file for an input: same base name plus ``suffix``, same extension, in ``out_dir``."""
     base, ext = split_nifti_name(input_path)
@@ -50,38 +77,45 @@ def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
 
 def collect_inputs(
-    inputs: Sequence[str | os.PathLike[str]], exclude_dir: Path | None = None, exclude_suffix: str | None = None
+    inputs: Sequence[str | os.PathLike[str]],
+    exclude_dir: Path | None = None,
+    exclude_suffix: str | Sequence[str] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files, folders and glob patterns into a sorted, de-duplicated list of NIfTI files.
+    """Expand files, folders and glob patterns into a sorted, de-duplicated list of inputs.
 
-    A folder contributes its ``*.nii``/``*.nii.gz`` files (not recursive); a glob pattern
-    (``*``, ``?``, ``[``; ``**`` recurses) contributes its NIfTI matches. Hidden files (a name
-    starting with a dot: the temporary files of an interrupted write, macOS ``._`` files) are
-    skipped in folders and glob matches, as the training data list skips them. Files found in a
-    folder or by a glob inside ``exclude_dir`` whose base name ends with ``exclude_suffix``
-    are taken for earlier outputs and left out.
+    An input is a NIfTI file, a video file (:data:`app.data.video.VIDEO_SUFFIXES`) or a folder of
+    numbered frame images (a clip). A folder contributes its NIfTI and video files (not
+    recursive); a folder without such files but with frame images is one clip. A glob pattern
+    (``*``, ``?``, ``[``; ``**`` recurses) contributes its NIfTI and video matches and the frame
+    folders it matches. Hidden files (a name starting with a dot: the temporary files of an
+    interrupted write, macOS ``._`` files) are skipped in folders and glob matches, as the
+    training data list skips them. Inputs found in a folder or by a glob inside ``exclude_dir``
+    whose base name (:func:`input_stem`) ends with one of ``exclude_suffix`` are taken for earlier
+    outputs and left out.
 
     Args:
         inputs: paths as given on the command line.
         exclude_dir: the output folder.
-        exclude_suffix: the output suffix (e.g. ``"_seg"``).
+        exclude_suffix: the output suffix(es) (e.g. ``"_seg"``).
 
     Returns:
-        ``(files, problems)``: the files to process, in order of first appearance, and
-        ``(path, reason)`` for inputs that are missing or not NIfTI files.
+        ``(inputs, problems)``: the inputs to process, in order of first appearance, and
+        ``(path, reason)`` for arguments that are missing or hold no input.
     """
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
+    suffixes = (exclude_suffix,) if isinstance(exclude_suffix, str) else tuple(exclude_suffix or ())
+    suffixes = tuple(x for x in suffixes if x)
 
     def looks_like_output(p: Path) -> bool:
-        if exclude_dir is None or not exclude_suffix:
+        if exclude_dir is None or not suffixes:
             return False
         try:
             same_dir = p.parent.resolve() == exclude_dir.resolve()
         except OSError:
             return False
-        return same_dir and split_nifti_name(p)[0].endswith(exclude_suffix)
+        return same_dir and input_stem(p).endswith(suffixes)
 
     def add(p: Path) -> None:
         key = p.resolve()
@@ -93,30 +127,65 @@ def collect_inputs(
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+            found = sorted(p for p in path.iterdir() if _is_input_file(p))
+            if not found and is_frame_folder(path):
+                add(path)
+                continue
             if not found:
-                problems.append((path, "folder holds no .nii/.nii.gz files"))
+                problems.append((path, "folder holds no .nii/.nii.gz or video files and no frame images"))
             for p in found:
                 if not looks_like_output(p):
                     add(p)
         elif path.is_file():
-            if is_nifti(path):
+            if is_nifti(path) or is_video(path):
                 add(path)
             else:
-                problems.append((path, "not a NIfTI file (expected .nii or .nii.gz)"))
+                problems.append((path, f"not a NIfTI or video file (expected .nii, .nii.gz or {', '.join(VIDEO_SUFFIXES)})"))
         elif _GLOB_CHARS & set(text):
-            found = sorted(
-                Path(p) for p in glob.glob(text, recursive=True)
-                if Path(p).is_file() and is_nifti(p) and not Path(p).name.startswith(".")
-            )
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            found = [p for p in matches if _is_input_file(p) or (p.is_dir() and is_frame_folder(p))]
             if not found:
-                problems.append((path, "pattern matches no .nii/.nii.gz files"))
+                problems.append((path, "pattern matches no .nii/.nii.gz or video files or frame folders"))
             for p in found:
                 if not looks_like_output(p):
                     add(p)
         else:
             problems.append((path, "no such file or folder"))
     return files, problems
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a hidden temporary folder beside ``path``; when the block succeeds it replaces ``path``.
+
+    An exception inside the block removes the temporary folder and leaves ``path`` as it was. An
+    existing ``path`` is moved aside, the new folder renamed into place, then the old one deleted.
+
+    Args:
+        path: the destination folder; its parent is created if missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_like(
@@ -172,8 +241,8 @@ def write_summary(
     """Write ``<name>.csv`` (one row per input) and ``<name>.json`` (rows plus ``meta``).
 
     Args:
-        rows: per file: ``input``, ``status``, ``output``, ``probabilities``, ``seconds``,
-            ``message`` and ``volumes_ml`` (class name -> mL).
+        rows: per file: ``input``, ``status``, ``output``, ``probabilities``, ``overlay``,
+            ``frames``, ``seconds``, ``message`` and ``volumes_ml`` (class name -> mL).
         class_names: column order for the volumes (CSV columns ``volume_ml_<name>``).
         out_dir: output folder.
         name: file stem.
@@ -184,13 +253,13 @@ def write_summary(
     """
     rows = list(rows)
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
-    fields = ["input", "status", "output", "probabilities", "seconds", "message"]
-    fields += [f"volume_ml_{c}" for c in class_names]
+    base = ["input", "status", "output", "probabilities", "overlay", "frames", "seconds", "message"]
+    fields = base + [f"volume_ml_{c}" for c in class_names]
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            flat = {k: ("" if row.get(k) is None else row.get(k)) for k in fields[:6]}
+            flat = {k: ("" if row.get(k) is None else row.get(k)) for k in base}
             vols = row.get("volumes_ml") or {}
             flat.update({f"volume_ml_{c}": ("" if c not in vols else vols[c]) for c in class_names})
             writer.writerow(flat)

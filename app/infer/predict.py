@@ -4,16 +4,23 @@ The windows run on ``sw_device`` (usually the GPU); the blended output of the wh
 volume is accumulated on ``device``, which is moved to the CPU when the volume is large
 (as ``monai.inferers.sliding_window_inference`` allows), so a volume whose logits do not
 fit next to the network in GPU memory still runs with GPU windows.
+
+:func:`stream_logits` runs the same windows over a volume read slab by slab along its first
+axis (a long video clip): each slab is one window deep and goes through :func:`predict_logits`;
+the slabs are blended with the weights ``sliding_window_inference`` gives the whole volume, so
+the result is the whole-volume prediction (to float rounding) while only a window's depth of
+input and logits is held at a time.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -26,7 +33,15 @@ __all__ = [
     "flip_axes",
     "predict_logits",
     "stitch_bytes",
+    "stream_logits",
+    "window_starts",
+    "window_weight_sum",
 ]
+
+# predict_logits blends windows with MONAI's gaussian importance map at its default width
+# (sigma = 0.125 x the window size); window_weight_sum must use the same.
+BLEND_MODE = "gaussian"
+SIGMA_SCALE = 0.125
 
 AMP_MODES = ("auto", *AMP_DTYPES)
 """``--amp`` settings: ``auto`` (bf16 on a CUDA device that supports it, else off) and :data:`app.utils.AMP_DTYPES`."""
@@ -118,9 +133,116 @@ def predict_logits(model: nn.Module, image: torch.Tensor, settings: WindowSettin
         sw_batch_size=settings.sw_batch_size,
         predictor=_window_predictor(model, settings, len(settings.roi_size)),
         overlap=settings.overlap,
-        mode="gaussian",
+        mode=BLEND_MODE,
+        sigma_scale=SIGMA_SCALE,
         sw_device=settings.sw_device,
         device=settings.device,
     )
     assert isinstance(out, torch.Tensor)
     return out[0]
+
+
+def _scan_interval(size: int, roi: int, overlap: float) -> int:
+    """Step between window starts along one axis, as ``sliding_window_inference`` takes it."""
+    if roi == size:
+        return roi
+    return max(int(roi * (1 - overlap)), 1)
+
+
+def window_starts(length: int, roi: int, overlap: float) -> list[int]:
+    """Where ``sliding_window_inference`` starts its windows along one axis of ``length`` voxels.
+
+    Args:
+        length: the axis' size.
+        roi: the window size along it.
+        overlap: overlap fraction in [0, 1).
+
+    Returns:
+        Increasing start indices; ``[0]`` when ``length <= roi`` (the axis is padded to ``roi``).
+        The last window ends at ``max(length, roi)``.
+    """
+    size = max(length, roi)
+    return [int(s[0].start) for s in dense_patch_slices((size,), (roi,), (_scan_interval(size, roi, overlap),))]
+
+
+def window_weight_sum(
+    spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Sum of the windows' gaussian weights at each voxel: ``sliding_window_inference``'s count map.
+
+    ``predict_logits`` returns ``sum_w weight_w * logits_w / window_weight_sum``; multiplying its
+    output by this map gives back the weighted sum, which can be added to that of other volumes.
+
+    Args:
+        spatial_shape: the volume's spatial size ``S``.
+        roi_size: window size per axis.
+        overlap: overlap fraction in [0, 1).
+        device: where to build the map.
+
+    Returns:
+        ``S``-shaped float32 tensor (positive). Axes shorter than the window are padded and
+        cropped back as ``sliding_window_inference`` does.
+    """
+    roi = tuple(int(r) for r in roi_size)
+    padded = tuple(max(int(s), r) for s, r in zip(spatial_shape, roi))
+    steps = [_scan_interval(p, r, overlap) for p, r in zip(padded, roi)]
+    weight = compute_importance_map(roi, mode=BLEND_MODE, sigma_scale=SIGMA_SCALE, device=device)
+    total = torch.zeros(padded, dtype=torch.float32, device=device)
+    for window in dense_patch_slices(padded, roi, steps):
+        total[window] += weight
+    crop = tuple(slice((p - s) // 2, (p - s) // 2 + s) for p, s in zip(padded, spatial_shape))
+    return total[crop]
+
+
+@torch.inference_mode()
+def stream_logits(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    read: Callable[[int, int], torch.Tensor],
+    length: int,
+    settings: WindowSettings,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Sliding-window prediction of a volume read in slabs along its first spatial axis.
+
+    The windows are those :func:`predict_logits` would place on the whole volume. For each
+    start ``s`` along the first axis, the slab ``read(s, depth)`` (one window deep) is predicted
+    with ``predict`` (which slides the windows over the other axes); its output times
+    :func:`window_weight_sum` is added to a running sum, and once no later slab reaches a frame
+    that frame's blended logits are handed out. A volume no deeper than a window is one slab.
+
+    Args:
+        predict: ``(C, d, *R) -> (K, d, *R)`` logits, e.g. ``lambda x: predict_logits(model, x, settings)``.
+        read: ``(start, count) -> (C, count, *R)`` pre-processed input along the first axis.
+        length: the volume's size along the first axis.
+        settings: the window settings ``predict`` uses (ROI and overlap; blending on ``settings.device``).
+
+    Yields:
+        ``(start, logits)``: consecutive blocks ``(K, n, *R)`` on ``settings.device`` that cover
+        ``[0, length)`` in order.
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, but got length={length}")
+    depth = int(settings.roi_size[0])
+    starts = window_starts(length, depth, settings.overlap)
+    if len(starts) == 1:
+        yield 0, predict(read(0, length)).to(settings.device)
+        return
+    num: torch.Tensor | None = None  # weighted logit sums of frames [lo, lo + depth)
+    den: torch.Tensor | None = None  # weight sums of the same frames
+    weights: torch.Tensor | None = None
+    for i, start in enumerate(starts):
+        out = predict(read(start, depth)).to(settings.device, torch.float32)
+        if weights is None:
+            weights = window_weight_sum(out.shape[1:], settings.roi_size, settings.overlap, settings.device)
+            num = torch.zeros_like(out)
+            den = torch.zeros_like(weights)
+        assert num is not None and den is not None
+        num += out.mul_(weights)
+        den += weights
+        done = starts[i + 1] - start if i + 1 < len(starts) else depth
+        yield start, num[:, :done] / den[:done]
+        # The next window starts `done` frames later: shift what it shares with this one to the front.
+        keep = depth - done
+        num[:, :keep] = num[:, done:].clone()
+        den[:keep] = den[done:].clone()
+        num[:, keep:] = 0.0
+        den[keep:] = 0.0
