@@ -14,15 +14,14 @@ import torch
 from monai.transforms import CropForeground
 from PIL import Image
 
-import app.infer.video as video
+from app.data.transforms import Preprocessing
 from app.data.video import ClipSource, open_clip, write_video
-from app.infer import infer_files
+from app.infer import infer_files, video
 from app.infer.__main__ import main
 from app.infer.engine import checkpoint_task
 from app.infer.files import collect_inputs
 from app.infer.predict import WindowSettings, predict_logits, stream_logits
-from app.data.transforms import Preprocessing
-from app.models import build_model, model_from_checkpoint, save_checkpoint, load_checkpoint
+from app.models import build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 T, H, W = 10, 24, 28  # 10 frames of 24x28: two slabs one window (8 frames) deep
 FPS = 12.5
@@ -149,7 +148,7 @@ def test_mp4_mask_overlay_frames_equal_nifti_prediction(
 # ---------------------------------------------------------------------------- restoration of a frame folder
 
 
-def test_frame_folder_restoration_in_colour(tmp_path: Path) -> None:
+def test_frame_folder_restoration_in_colour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(1)
     cfg = dynunet_config(3, 3)
     ckpt = tmp_path / "restore.pt"
@@ -162,14 +161,19 @@ def test_frame_folder_restoration_in_colour(tmp_path: Path) -> None:
     folder.mkdir()
     for i in range(t):  # natural order: f2 before f10
         Image.fromarray(np.rint(np.moveaxis(clip[:, i], 0, -1) * 255).astype(np.uint8)).save(folder / f"f{i}.png")
+    nii = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), nii)
     out = tmp_path / "out"
-    assert main([str(ckpt), str(folder), "-o", str(out), "--no-progress", "--frames"]) == 0
+    assert main([str(ckpt), str(folder), str(nii), "-o", str(out), "--no-progress", "--frames", "--fps", "12.5"]) == 1
+    err = capsys.readouterr().err
+    assert "2 file(s): 1 restored, 0 skipped (existing output), 1 failed" in err
+    assert f"FAILED {nii}: a restoration checkpoint takes clips" in err
     restored, rate, size = read_back(out / "frames_restored.mp4", "rgb24")
-    assert restored.shape == (t, h, w, 3) and rate == Fraction(25) and size == (h, w)
+    assert restored.shape == (t, h, w, 3) and rate == Fraction(25, 2) and size == (h, w)
     assert not (out / "frames_overlay.mp4").exists()
     assert len(list((out / "frames_restored_frames").iterdir())) == t
 
-    # Values: the whole-volume sliding window of the same network, clipped to [0, 1] (H.264 4:4:4 at qp 0: a few levels).
+    # Values: the whole-volume sliding window of the same network, clipped to [0, 1] (H.264 4:4:4, qp 0: a few levels).
     model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
     with open_clip(folder) as src:
         volume = torch.from_numpy(src.read(0, t))
@@ -264,9 +268,14 @@ def test_rerun_skips_existing_outputs_and_overwrite_rewrites(
 
 @pytest.mark.parametrize(
     "shape, roi, overlap",
-    [((23, 13, 9), (8, 8, 16), 0.5), ((5, 13, 9), (8, 8, 8), 0.25), ((31, 7, 12), (6, 6, 6), 0.7), ((9, 9, 9), (8, 8, 8), 0.0)],
+    [
+        ((23, 13, 9), (8, 8, 16), 0.5),
+        ((5, 13, 9), (8, 8, 8), 0.25),  # shorter than a window: one slab
+        ((17, 7, 12), (6, 6, 6), 0.6),
+        ((9, 9, 9), (8, 8, 8), 0.0),
+    ],
 )
-def test_stream_logits_is_the_whole_volume_window(shape: tuple, roi: tuple, overlap: float) -> None:
+def test_stream_logits_is_the_whole_volume_window(shape: tuple, roi: tuple, overlap: float, one_thread: None) -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 3, padding=1))
     x = torch.randn(2, *shape)
@@ -280,7 +289,7 @@ def test_stream_logits_is_the_whole_volume_window(shape: tuple, roi: tuple, over
 
     blocks = list(stream_logits(lambda s: predict_logits(net, s, settings), read, shape[0], settings))
     assert [s for s, _ in blocks] == list(np.cumsum([0] + [b.shape[1] for _, b in blocks[:-1]]))
-    assert all(c <= max(roi[0], shape[0] if shape[0] <= roi[0] else 0) for _, c in asked)
+    assert {c for _, c in asked} == {min(shape[0], roi[0])}  # one window deep (the whole axis when shorter)
     torch.testing.assert_close(torch.cat([b for _, b in blocks], dim=1), whole, rtol=1e-5, atol=1e-5)
 
 

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) written by training")
-    p.add_argument("inputs", metavar="INPUT", nargs="+", help="NIfTI or video file, frame folder, folder or glob pattern")
+    p.add_argument(
+        "inputs", metavar="INPUT", nargs="+", help="NIfTI or video file, frame folder, folder or glob pattern"
+    )
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder (created if missing)")
     p.add_argument(
         "--suffix", default="_seg", help="added to the input's base name for the label map (default: %(default)s)"
@@ -120,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", action="store_true", help="clips: also write one PNG per frame (masks, or restored frames)"
     )
     out.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of frame-folder inputs (default: 25); video files keep theirs",
+    )
+    out.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the input)"
     )
     out.add_argument(
@@ -154,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resample=args.resample,
         overwrite=args.overwrite,
         frames=args.frames,
+        folder_fps=args.fps,
         summary=None if args.no_summary else args.summary,
         progress=not args.no_progress,
     )

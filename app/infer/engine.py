@@ -52,7 +52,16 @@ from app.infer.video import ClipJob, ClipOutputs, check_clip_preprocessing, is_c
 from app.models import check_patch_size, load_checkpoint, model_from_checkpoint
 from app.utils import atomic_path, resolve_amp, resolve_device
 
-__all__ = ["TASKS", "FileError", "InferenceOptions", "OutputError", "Result", "Segmenter", "checkpoint_task", "infer_files"]
+__all__ = [
+    "TASKS",
+    "FileError",
+    "InferenceOptions",
+    "OutputError",
+    "Result",
+    "Segmenter",
+    "checkpoint_task",
+    "infer_files",
+]
 
 logger = logging.getLogger("app.infer")
 
@@ -103,6 +112,7 @@ class InferenceOptions:
             a folder ``<name><suffix>_frames``. Default False.
         overlay_suffix: appended to a clip's base name for the overlay video. Default ``"_overlay"``.
         restored_suffix: appended to a clip's base name for the restored clip. Default ``"_restored"``.
+        folder_fps: frame rate of frame-folder clips; None = :data:`app.data.video.FOLDER_FPS`.
         summary: file stem of the CSV/JSON summary in the output folder; None = none.
         progress: show a tqdm progress bar over files.
     """
@@ -123,6 +133,7 @@ class InferenceOptions:
     frames: bool = False
     overlay_suffix: str = "_overlay"
     restored_suffix: str = "_restored"
+    folder_fps: float | None = None
     summary: str | None = "summary"
     progress: bool = False
 
@@ -137,6 +148,8 @@ class InferenceOptions:
             raise ValueError("probability_suffix must differ from suffix")
         if self.overlay_suffix == self.suffix:
             raise ValueError("overlay_suffix must differ from suffix")
+        if self.folder_fps is not None and not self.folder_fps > 0:
+            raise ValueError(f"folder_fps must be > 0, but got folder_fps={self.folder_fps}")
 
     @property
     def output_suffixes(self) -> tuple[str, ...]:
@@ -361,7 +374,7 @@ class Segmenter:
         """
         read_channels(self.in_channels)
         check_clip_preprocessing(self.preprocessing)
-        with open_source(path):
+        with open_source(path, self.options.folder_fps):
             pass
 
     def clip_outputs(self, path: Path, out_dir: Path) -> ClipOutputs:
@@ -383,7 +396,7 @@ class Segmenter:
         Raises:
             FileError: the clip cannot be processed (one-line reason); nothing is left behind.
         """
-        with open_source(path) as source:
+        with open_source(path, self.options.folder_fps) as source:
             job = ClipJob(
                 source,
                 self.preprocessing,
@@ -405,7 +418,9 @@ class Segmenter:
             with open_source(path):
                 pass
         except FileError as exc:
-            raise FileError(f"existing output {path.name} cannot be read ({exc}); use --overwrite to replace it") from exc
+            raise FileError(
+                f"existing output {path.name} cannot be read ({exc}); use --overwrite to replace it"
+            ) from exc
 
     def check_header(self, path: Path) -> nib.Nifti1Image:
         """The input's header, checked as training checks its data: readable, 3D or 3D + channels,
@@ -548,7 +563,8 @@ def infer_files(
     files, problems = collect_inputs(inputs, exclude_dir=out, exclude_suffix=opts.output_suffixes)
     _prepare_output_folder(out)
 
-    results: list[Result] = [Result(input=p, status="failed", message=reason) for p, reason in problems]
+    task = segmenter.task
+    results: list[Result] = [Result(input=p, status="failed", message=reason, task=task) for p, reason in problems]
     for p, reason in problems:
         logger.warning("%s: %s", p, reason)
     usable = []
@@ -557,7 +573,7 @@ def infer_files(
             segmenter.check_input(path)
         except FileError as exc:
             logger.warning("%s: %s", path, exc)
-            results.append(Result(input=path, status="failed", message=str(exc)))
+            results.append(Result(input=path, status="failed", message=str(exc), task=task))
             continue
         usable.append(path)
     if opts.save_probabilities and any(is_clip_input(p) for p in usable):

@@ -54,7 +54,8 @@ def split_nifti_name(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def input_stem(path: str | os.PathLike[str]) -> str:
-    """Base name of an input: ``case.nii.gz`` -> ``case``, ``clip.mp4`` -> ``clip``, frame folder ``clip/`` -> ``clip``."""
+    """Base name of an input: ``case.nii.gz`` -> ``case``, ``clip.mp4`` -> ``clip``, frame folder ``clip/``
+    -> ``clip``."""
     p = Path(path)
     if is_nifti(p):
         return split_nifti_name(p)[0]
@@ -140,7 +141,8 @@ def collect_inputs(
             if is_nifti(path) or is_video(path):
                 add(path)
             else:
-                problems.append((path, f"not a NIfTI or video file (expected .nii, .nii.gz or {', '.join(VIDEO_SUFFIXES)})"))
+                expected = ", ".join((".nii", ".nii.gz", *VIDEO_SUFFIXES))
+                problems.append((path, f"not a NIfTI or video file (expected one of {expected})"))
         elif _GLOB_CHARS & set(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
             found = [p for p in matches if _is_input_file(p) or (p.is_dir() and is_frame_folder(p))]

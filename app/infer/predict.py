@@ -213,29 +213,30 @@ def stream_logits(
         predict: ``(C, d, *R) -> (K, d, *R)`` logits, e.g. ``lambda x: predict_logits(model, x, settings)``.
         read: ``(start, count) -> (C, count, *R)`` pre-processed input along the first axis.
         length: the volume's size along the first axis.
-        settings: the window settings ``predict`` uses (ROI and overlap; blending on ``settings.device``).
+        settings: the window settings ``predict`` uses (its ROI and overlap).
 
     Yields:
-        ``(start, logits)``: consecutive blocks ``(K, n, *R)`` on ``settings.device`` that cover
-        ``[0, length)`` in order.
+        ``(start, logits)``: consecutive blocks ``(K, n, *R)``, on the device of ``predict``'s first
+        output, that cover ``[0, length)`` in order.
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, but got length={length}")
     depth = int(settings.roi_size[0])
     starts = window_starts(length, depth, settings.overlap)
     if len(starts) == 1:
-        yield 0, predict(read(0, length)).to(settings.device)
+        yield 0, predict(read(0, length))
         return
-    num: torch.Tensor | None = None  # weighted logit sums of frames [lo, lo + depth)
+    num: torch.Tensor | None = None  # weighted logit sums of frames [start, start + depth)
     den: torch.Tensor | None = None  # weight sums of the same frames
     weights: torch.Tensor | None = None
     for i, start in enumerate(starts):
-        out = predict(read(start, depth)).to(settings.device, torch.float32)
-        if weights is None:
-            weights = window_weight_sum(out.shape[1:], settings.roi_size, settings.overlap, settings.device)
+        out = predict(read(start, depth)).float()
+        if weights is None:  # blended where the first slab's output lands (predict may fall back to the CPU)
+            weights = window_weight_sum(out.shape[1:], settings.roi_size, settings.overlap, out.device)
             num = torch.zeros_like(out)
             den = torch.zeros_like(weights)
         assert num is not None and den is not None
+        out = out.to(num.device)
         num += out.mul_(weights)
         den += weights
         done = starts[i + 1] - start if i + 1 < len(starts) else depth

@@ -82,7 +82,9 @@ def read_channels(in_channels: int) -> bool:
         FileError: a model that takes neither 1 (grey) nor 3 (RGB) channels.
     """
     if in_channels not in (1, 3):
-        raise FileError(f"clips are read as 1 (grey) or 3 (RGB) channels, but the model expects in_channels={in_channels}")
+        raise FileError(
+            f"clips are read as 1 (grey) or 3 (RGB) channels, but the model expects in_channels={in_channels}"
+        )
     return in_channels == 1
 
 
@@ -97,7 +99,8 @@ def check_clip_preprocessing(pre: Preprocessing) -> None:
     """
     if pre.orientation not in (None, "RAS"):
         raise FileError(
-            f"the checkpoint reorients inputs to {pre.orientation!r}; clips (identity affine) need orientation RAS or null"
+            f"the checkpoint reorients inputs to {pre.orientation!r}; clips (identity affine) need orientation "
+            "RAS or null"
         )
     if pre.spacing is not None and any(s != 1.0 for s in pre.spacing):
         raise FileError(
@@ -106,10 +109,10 @@ def check_clip_preprocessing(pre: Preprocessing) -> None:
         )
 
 
-def open_source(path: Path) -> ClipSource:
-    """:func:`app.data.video.open_clip`, with its one-line error as a :class:`FileError`."""
+def open_source(path: Path, fps: float | None = None) -> ClipSource:
+    """:func:`app.data.video.open_clip` (``fps``: a frame folder's rate), its one-line error as a :class:`FileError`."""
     try:
-        return open_clip(path)
+        return open_clip(path, fps=fps)
     except DataError as exc:
         raise FileError(str(exc).removeprefix(f"{path}: ")) from exc
 
