@@ -892,6 +892,8 @@ class Trainer:
                         self.save(LAST)
                     self.tracker.log(metrics, self.progress.global_step, images=images)
                     log.info(_summary(metrics, self.max_epochs))
+                elif not self._bad_in_row:  # rank 0 wrote it: the same name in every rank's messages
+                    self.last_checkpoint = (self.ckpt_dir / LAST, self.progress.global_step)
                 barrier(self.dist)
                 self._agree(False)
                 if self._stop_agreed:  # a signal during validation: the epoch's checkpoint is written
