@@ -24,6 +24,7 @@ GROUPS = {
     "trainer": ["default"],
     "logger": ["offline", "online", "disabled"],
     "experiment": ["smoke"],
+    "task": ["segmentation", "restoration"],
 }
 # data configs that read a folder the user names
 NEEDS_ROOT = {"decathlon", "folder"}

@@ -144,6 +144,8 @@ class ClipSource:
         width: frame width in pixels.
         channels: 1 (grey source) or 3 (colour source).
         fps: frames per second (:data:`FOLDER_FPS` for a frame folder unless given).
+        decoded_frames: frames decoded (video) or images read (folder) by this source so far,
+            those decoded on the way to a window included.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class ClipSource:
         self._keyframes = keyframes  # video: indices of the frames that are keyframes, ascending
         self._bits = bits
         self._container: Any = None
+        self.decoded_frames = 0
 
     def __repr__(self) -> str:
         return (f"ClipSource({str(self.path)!r}, n_frames={self.n_frames}, height={self.height}, width={self.width}, "
@@ -240,6 +243,7 @@ class ClipSource:
         channels = 1 if grey else self.channels
         if self._frames is not None:
             frames = [self._read_image(self._frames[i], size, channels) for i in indices]
+            self.decoded_frames += len(indices)
         else:
             frames = self._read_video(indices, size, channels)
         return np.ascontiguousarray(np.stack(frames, axis=1))  # (C, count, H, W)
@@ -300,6 +304,7 @@ class ClipSource:
             container.seek(0)
             wanted = set(indices)
             for i, frame in enumerate(container.decode(stream)):
+                self.decoded_frames += 1
                 if i in wanted:
                     keep(frame, i)
                 if i >= indices[-1]:
@@ -310,6 +315,7 @@ class ClipSource:
             key = max((k for k in self._keyframes if k <= indices[0]), default=0)
             container.seek(self._timestamps[key], stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
+                self.decoded_frames += 1
                 ts = _timestamp(frame)
                 if ts is None:
                     continue
@@ -332,6 +338,7 @@ class ClipSource:
         position = {self._timestamps[i]: i for i in indices}  # type: ignore[index]
         last = self._timestamps[indices[-1]]  # type: ignore[index]
         for frame in container.decode(stream):
+            self.decoded_frames += 1
             ts = _timestamp(frame)
             if ts in position:
                 keep(frame, position[ts])
@@ -384,7 +391,7 @@ def _open_video(p: Path) -> ClipSource:
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
-                raise data_error(p, "no video stream in the file")
+                raise data_error(p, "no video stream in the file (zero frames of video)")
             stream = container.streams.video[0]
             ctx = stream.codec_context
             height, width = int(ctx.height), int(ctx.width)
@@ -392,16 +399,21 @@ def _open_video(p: Path) -> ClipSource:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
             declared = int(stream.frames or 0)
+            # Matroska/WebM declare no frame count, but a duration in their header
+            duration = float(container.duration) / av.time_base if container.duration and len(container.streams) == 1 else 0.0
             stamps: list[tuple[int, bool]] = []
             untimed = 0
-            for packet in container.demux(stream):
-                if packet.size == 0:  # the demuxer's end-of-stream marker
-                    continue
-                ts = _timestamp(packet)
-                if ts is None:
-                    untimed += 1
-                else:
-                    stamps.append((int(ts), bool(packet.is_keyframe)))
+            try:
+                for packet in container.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-stream marker
+                        continue
+                    ts = _timestamp(packet)
+                    if ts is None:
+                        untimed += 1
+                    else:
+                        stamps.append((int(ts), bool(packet.is_keyframe)))
+            except EOFError:  # some demuxers (Matroska) end a stream without frames this way
+                pass
     except DataError:
         raise
     except _AV_ERRORS as e:
@@ -414,6 +426,9 @@ def _open_video(p: Path) -> ClipSource:
         raise data_error(p, f"the header declares {declared} frames but only {n_frames} are in the file; it is truncated")
     if fps <= 0:
         fps = FOLDER_FPS
+    if not declared and duration and n_frames < 0.98 * duration * fps - 1:
+        raise data_error(p, f"the header declares {duration:.2f} s ({duration * fps:.0f} frames at {fps:g} fps) but only "
+                            f"{n_frames} frames are in the file; it is truncated")
     if untimed:  # frames without timestamps: reads count frames from the start
         return ClipSource(p, n_frames, height, width, channels, fps, bits=bits)
     order = sorted(range(len(stamps)), key=lambda i: stamps[i][0])

@@ -16,7 +16,11 @@ Keys common to every net:
 * ``name``: one of :data:`MODEL_NAMES` (default ``"dynunet"``);
 * ``in_channels``, ``out_channels`` (required), ``spatial_dims`` (default 3);
 * ``patch_size``, ``spacing`` (optional metadata; ``patch_size`` is the default
-  sliding-window ROI at inference; for ``dynunet`` both drive the planner).
+  sliding-window ROI at inference; for ``dynunet`` both drive the planner);
+* ``residual`` (optional, restoration): the network's output is added to its input, so it
+  learns the correction of the input rather than the whole output, and its output layer starts
+  at zero, so the untrained network returns its input; needs ``in_channels == out_channels``.
+  Kept in the resolved config only when true.
 
 Everything else is passed to the MONAI constructor; unknown keys raise ``ValueError``.
 """
@@ -41,7 +45,7 @@ __all__ = ["MODEL_NAMES", "DEFAULT_MODEL", "ThresholdNet", "build_model", "resol
 DEFAULT_MODEL = "dynunet"
 
 # Keys understood by the factory itself rather than by the network constructor.
-_COMMON_KEYS = ("name", "spatial_dims", "in_channels", "out_channels", "patch_size", "spacing")
+_COMMON_KEYS = ("name", "spatial_dims", "in_channels", "out_channels", "patch_size", "spacing", "residual")
 # Planner knobs accepted in a dynunet config (consumed when the plan is derived).
 _PLANNER_KEYS = ("min_feature_size", "max_depth", "base_features", "max_features")
 
@@ -227,6 +231,13 @@ def resolve_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("in_channels", "out_channels"):
         if not isinstance(out.get(key), int) or isinstance(out.get(key), bool) or out[key] < 1:
             raise ValueError(f"model config needs a positive integer '{key}', but got {key}={out.get(key)!r}")
+    if out.get("residual"):
+        if out["in_channels"] != out["out_channels"]:
+            raise ValueError(f"residual=True needs in_channels == out_channels, but got in_channels={out['in_channels']}, "
+                             f"out_channels={out['out_channels']}")
+        out["residual"] = True
+    else:
+        out.pop("residual", None)
     out.setdefault("spatial_dims", 3)
     out.setdefault("patch_size", None)
     out.setdefault("spacing", None)
@@ -256,7 +267,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
           similarly need multiples of ``2 ** (depth - 1)`` for exact shapes
           (``basicunet`` pads odd sizes itself).
         - Output: ``(N, out_channels, *S)`` (``dynunet`` with deep supervision in
-          training mode: ``(N, 1 + deep_supr_num, out_channels, *S)``).
+          training mode: ``(N, 1 + deep_supr_num, out_channels, *S)``); with ``residual``, the
+          input is added to it (to every head), by a forward hook that keeps the state_dict keys.
 
     Examples:
         >>> net = build_model({"name": "dynunet", "in_channels": 1, "out_channels": 2,
@@ -266,4 +278,32 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     ctor, _ = _REGISTRY[resolved["name"]]
     params = set(inspect.signature(ctor.__init__).parameters) - {"self"}
     kwargs = {k: _tuple_args(v) for k, v in resolved.items() if k in params}
-    return ctor(**kwargs)
+    net = ctor(**kwargs)
+    if resolved.get("residual"):
+        _zero_output_layers(net, resolved["out_channels"])
+        net.register_forward_hook(_add_input)
+    return net
+
+
+def _zero_output_layers(net: nn.Module, out_channels: int) -> None:
+    """Zero weights and biases of the layers that produce the output: DynUNet's output block and
+    deep-supervision heads; in other networks every convolution with ``out_channels`` outputs (the
+    output layer, and the blocks at output width that follow it, such as UNet's last residual unit)."""
+    if isinstance(net, DynUNet):
+        heads = [net.output_block, *getattr(net, "deep_supervision_heads", [])]  # heads exist with deep supervision only
+        convs = [m for head in heads for m in head.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    else:
+        convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == out_channels]
+    for conv in convs:
+        nn.init.zeros_(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+
+
+def _add_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """Forward hook of ``residual`` networks: ``output + input``, for one head ``(N, C, *S)``, stacked
+    heads ``(N, H, C, *S)`` or a list of heads."""
+    x = args[0]
+    if isinstance(output, (list, tuple)):
+        return type(output)(o + x for o in output)
+    return output + (x.unsqueeze(1) if output.ndim == x.ndim + 1 else x)  # promoted: fp32 input, bf16 output -> fp32

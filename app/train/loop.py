@@ -11,6 +11,12 @@ every ``trainer.checkpoint_every_steps`` steps / ``trainer.checkpoint_every_minu
 every epoch, ``best.pt`` (by mean Dice), in ``<output_dir>/checkpoints``
 (:mod:`app.train.checkpoints`). Only rank 0 logs and writes files.
 
+``task=restoration`` trains on the same loop without labels: degraded windows of the clips in,
+the clean windows as targets, L1 or MSE loss, PSNR and SSIM at validation (``best.pt`` by PSNR);
+the network's output channels are its input channels. Checkpoints carry the task (``task``).
+Validation of clips also renders the first validation clips as input | prediction | target
+videos for W&B.
+
 A checkpoint taken in the middle of an epoch resumes exactly: the epoch's loader is reseeded as
 usual, the batches the run had already drawn in it are drawn again and dropped (the data time of
 that part of the epoch, no network work), then every RNG stream is restored from the checkpoint.
@@ -50,6 +56,7 @@ from tqdm import tqdm
 import app.nn
 from app.data import (
     DataError,
+    Degradation,
     Preprocessing,
     build_loaders,
     load_datalist,
@@ -58,6 +65,7 @@ from app.data import (
     scan_cases,
     shutdown_workers,
 )
+from app.data.video import is_clip, open_clip
 from app.models import (
     build_model,
     deep_supervision_loss,
@@ -72,7 +80,7 @@ from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume_on_ra
 from app.train.distributed import DistInfo, barrier, broadcast_object, check_replicas, cleanup, gather_object, init_distributed
 from app.train.state import rank_rng, restore_rank_rng, rng_state, seed_epoch, seed_everything, set_rng_state
 from app.train.tracking import Tracker
-from app.train.validation import class_dice, mean_dice, validate
+from app.train.validation import class_dice, mean_dice, validate, validate_restoration
 from app.utils import amp_dtype, staggered
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "TrainingError", "train"]
@@ -82,6 +90,11 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75
 """Exit status of ``python -m app.train`` stopped by SIGTERM/SIGINT after writing its checkpoint
 (``EX_TEMPFAIL``: run the same command with ``trainer.resume=auto`` to continue)."""
+TASKS = ("segmentation", "restoration")
+"""``task``: what the network learns (``conf/task``)."""
+RESTORATION_LOSSES = ("l1", "mse")
+# Channel names of a restoration network's outputs (the checkpoint's class_names: one per output channel).
+_CHANNEL_NAMES = {1: ["grey"], 3: ["red", "green", "blue"]}
 # Share of an epoch's wall time spent waiting for data above which the run warns (once).
 DATA_WAIT_WARN_FRACTION = 0.2
 
@@ -294,7 +307,12 @@ class Trainer:
             root = Path(staggered(lambda: instantiate(gen, _convert_="all")))
         else:
             root = Path(str(data.root)).expanduser()
-        self.datalist = load_datalist(root, val_fraction=data.val_fraction, seed=data.split_seed, validate=True)
+        self.task = str(self.cfg.get("task", "segmentation"))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, but got task={self.task!r}")
+        restoration = self.task == "restoration"
+        self.datalist = load_datalist(root, val_fraction=data.val_fraction, seed=data.split_seed, validate=True,
+                                      labels=not restoration)
         if not self.datalist.val:
             raise TrainingError(
                 f"{root}: no validation cases (the data set has no validation list and "
@@ -303,6 +321,19 @@ class Trainer:
         self.class_names = [str(c) for c in self.datalist.class_names]
         self.n_classes = len(self.class_names)
         self.preprocessing = Preprocessing.from_dict(OmegaConf.to_container(data.preprocessing, resolve=True))
+        self.degradation: Degradation | None = None
+        if restoration:
+            if self.preprocessing.intensity != "none":
+                raise ValueError("task=restoration maps clips in [0, 1] to clips in [0, 1]; set "
+                                 f"data.preprocessing.intensity=none (now {self.preprocessing.intensity})")
+            r = self.cfg.restoration
+            if str(r.loss) not in RESTORATION_LOSSES:
+                raise ValueError(f"restoration.loss must be one of {list(RESTORATION_LOSSES)}, but got restoration.loss={r.loss!r}")
+            self.degradation = Degradation.from_dict(OmegaConf.to_container(r.degradation, resolve=True))
+            channels = self.preprocessing.in_channels
+            self.class_names = _CHANNEL_NAMES.get(channels, [f"channel_{c}" for c in range(channels)])
+        first_val = self.datalist.val[0]["image"] if self.datalist.val else None
+        self.val_fps = open_clip(first_val).fps if first_val is not None and is_clip(first_val) else 0.0
         n_cases = len(self.datalist.train) + len(self.datalist.val)
         cache = str(data.get("cache", "disk"))
         if cache == "none" and self.cfg.trainer.get("scan_data", True):  # every voxel, before any training step
@@ -321,19 +352,22 @@ class Trainer:
             log.info("data: %d cases preprocessed and checked, or found stored, in %.1f s (data.cache=%s)",
                      n_cases, time.perf_counter() - started, cache)
         log.info(
-            "data: %s, %d training / %d validation cases, classes %s",
-            root, len(self.datalist.train), len(self.datalist.val), self.class_names,
+            "data: %s, %d training / %d validation cases, %s %s",
+            root, len(self.datalist.train), len(self.datalist.val),
+            "classes" if not restoration else f"restoration ({self.degradation}), channels", self.class_names,
         )
 
     def setup_model(self) -> None:
         """Resolve the model config against the data, build, convert, wrap."""
         cfg = self.cfg
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        n_out = len(self.class_names)  # segmentation: the classes; restoration: the input channels
         if model_cfg.get("out_channels") is None:
-            model_cfg["out_channels"] = self.n_classes
-        elif model_cfg["out_channels"] != self.n_classes:
+            model_cfg["out_channels"] = n_out
+        elif model_cfg["out_channels"] != n_out:
+            what = "classes" if self.degradation is None else "channels to restore"
             raise ValueError(
-                f"model.out_channels={model_cfg['out_channels']} but the data set has {self.n_classes} classes "
+                f"model.out_channels={model_cfg['out_channels']} but the task has {n_out} {what} "
                 f"{self.class_names}; leave model.out_channels=null"
             )
         if model_cfg.get("spacing") is None:
@@ -372,7 +406,10 @@ class Trainer:
         if self.compile_mode != "off":
             log.info("training model compiled: torch.compile mode=%s", self.compile_mode)
         self.model = model
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        if self.degradation is None:
+            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+        else:
+            self.loss_fn = nn.L1Loss() if str(cfg.restoration.loss) == "l1" else nn.MSELoss()
         self.allocator = None
         if allocator_kwargs is not None and self.stochastic:
             self.allocator = app.nn.ProbeAllocator(_unwrap(model), self._batch_loss, **allocator_kwargs)
@@ -405,6 +442,7 @@ class Trainer:
             augment_on=str(d.get("augment_on", "workers")),
             prefetch_factor=int(t.get("prefetch_factor") or 2),
             device_type=self.device.type,
+            degradation=self.degradation,
         )
         self.device_augmentation = getattr(self.train_loader, "device_augmentation", None)
         log.info("data loader: %d worker processes (trainer.num_workers=%s), augmentation on the %s",
@@ -749,26 +787,42 @@ class Trainer:
         self.scheduler.step()
         return value, True
 
-    def validate(self) -> tuple[dict[str, float], list[np.ndarray]]:
-        """Per-class and mean Dice over the validation volumes (of every rank, under DDP)."""
-        t = self.cfg.trainer
-        n_images = int(self.cfg.logger.wandb.n_images) if self.tracker and self.tracker.active else 0
+    @property
+    def score_key(self) -> str:
+        """The validation metric that picks ``best.pt``: mean Dice, or PSNR for restoration."""
+        return "val/mean_dice" if self.degradation is None else "val/psnr"
+
+    def validate(self) -> tuple[dict[str, float], list[np.ndarray], list[np.ndarray]]:
+        """Per-class and mean Dice (restoration: PSNR and SSIM, of the prediction and of the degraded
+        input) over the validation volumes (of every rank, under DDP); overlays and clips to log."""
+        t, w = self.cfg.trainer, self.cfg.logger.wandb
+        logging_media = bool(self.tracker and self.tracker.active)
+        n_images = int(w.n_images) if logging_media and self.degradation is None else 0
+        n_clips = int(w.get("n_clips", 1)) if logging_media and self.val_fps > 0 else 0
+        window = dict(roi_size=list(t.patch_size), device=self.device, amp_dtype=self.amp_dtype,
+                      sw_batch_size=int(t.sw_batch_size), overlap=float(t.sw_overlap), n_clips=n_clips,
+                      clip_frames=int(w.get("clip_frames", 32)))
+        images: list[np.ndarray] = []
         try:
-            per_case, images = validate(
-                _unwrap(self.model), _checked(self.val_loader, "validation"), n_classes=self.n_classes, roi_size=list(t.patch_size),
-                device=self.device, amp_dtype=self.amp_dtype, sw_batch_size=int(t.sw_batch_size),
-                overlap=float(t.sw_overlap), n_images=n_images,
-            )
+            if self.degradation is None:
+                per_case, images, clips = validate(_unwrap(self.model), _checked(self.val_loader, "validation"),
+                                                   n_classes=self.n_classes, n_images=n_images, **window)
+            else:
+                per_case, clips = validate_restoration(_unwrap(self.model), _checked(self.val_loader, "validation"), **window)
         except torch.OutOfMemoryError:
             raise TrainingError(out_of_memory_message(self.cfg, "validation")) from None
         if self.dist.enabled:  # the validation volumes are sharded over the ranks
             gathered: list[Any] = [None] * self.dist.world_size
             torch.distributed.all_gather_object(gathered, per_case)
             per_case = [row for rows in gathered for row in rows]
+        if self.degradation is not None:
+            means = np.mean(np.asarray(per_case, dtype=np.float64), axis=0)
+            names = ("val/psnr", "val/ssim", "val/input_psnr", "val/input_ssim")
+            return {name: float(v) for name, v in zip(names, means)}, images, clips
         dice = class_dice(per_case)
         metrics = {f"val/dice/{name}": d for name, d in zip(self.class_names[1:], dice)}
         metrics["val/mean_dice"] = mean_dice(dice)
-        return metrics, images
+        return metrics, images, clips
 
     def fidelity(self) -> dict[str, float]:
         """``app.nn.gradient_fidelity`` of the current state on the last training batch, against the
@@ -807,6 +861,7 @@ class Trainer:
             **({"rng_by_rank": rng_by_rank} if rng_by_rank and len(rng_by_rank) > 1 else {}),
             "rng": rng_by_rank[0] if rng_by_rank else rng_state(),
             "world_size": self.dist.world_size,
+            "task": self.task,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
         path = self.store.write(name, lambda target: save_checkpoint(
@@ -870,16 +925,17 @@ class Trainer:
                 metrics = {"epoch": float(epoch + 1), **self.train_epoch(epoch)}
                 last = epoch == self.max_epochs - 1 or self.progress.global_step >= self.total_steps
                 images: list[np.ndarray] = []
+                clips: list[np.ndarray] = []
                 improved = False
                 if (epoch + 1) % int(cfg.trainer.val_every) == 0 or last:
-                    val, images = self.validate()  # every rank: each scores its shard of the volumes
+                    val, images, clips = self.validate()  # every rank: each scores its shard of the volumes
                     metrics.update(val)
-                    score = val["val/mean_dice"]
+                    score = val[self.score_key]
                     improved = not math.isnan(score) and score > self.progress.best_metric
                     if improved:
                         self.progress.best_metric, self.progress.best_epoch = score, epoch
                 if self.progress.best_metric > -math.inf:
-                    metrics["val/best_mean_dice"] = self.progress.best_metric
+                    metrics[self.score_key.replace("val/", "val/best_")] = self.progress.best_metric
                 self.progress.epoch = epoch
                 self.progress.history.append(metrics)
                 if self.dist.is_main:
@@ -890,7 +946,8 @@ class Trainer:
                         self.save(BEST)
                     if not self._bad_in_row:
                         self.save(LAST)
-                    self.tracker.log(metrics, self.progress.global_step, images=images)
+                    self.tracker.log(metrics, self.progress.global_step, images=images, clips=clips,
+                                     fps=self.val_fps or 8.0)
                     log.info(_summary(metrics, self.max_epochs))
                 elif not self._bad_in_row:  # rank 0 wrote it: the same name in every rank's messages
                     self.last_checkpoint = (self.ckpt_dir / LAST, self.progress.global_step)
@@ -918,11 +975,15 @@ def _summary(metrics: dict[str, float], max_epochs: int) -> str:
         parts.append(f"peak {metrics['train/peak_memory_gb']:.2f} GiB")
     if "val/mean_dice" in metrics:
         parts.append(f"val mean Dice {metrics['val/mean_dice']:.4f} (best {metrics.get('val/best_mean_dice', math.nan):.4f})")
+    if "val/psnr" in metrics:
+        parts.append(f"val PSNR {metrics['val/psnr']:.2f} dB (best {metrics.get('val/best_psnr', math.nan):.2f}, "
+                     f"degraded input {metrics['val/input_psnr']:.2f}), SSIM {metrics['val/ssim']:.4f} "
+                     f"(input {metrics['val/input_ssim']:.4f})")
     return ", ".join(parts)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train a segmentation network as configured; return the last epoch's metrics.
+    """Train a segmentation (or, ``task=restoration``, restoration) network as configured; return the last epoch's metrics.
 
     Args:
         cfg: the composed ``conf/train.yaml`` (see ``python -m app.train --help``). Values derived
@@ -931,7 +992,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         ``{"epoch", "global_step", "train/epoch_loss", "train/step_time_s", "train/lr",
         "val/mean_dice", "val/dice/<class>", "val/best_mean_dice", ...}`` of the last epoch
-        (validation keys when that epoch validated; ``train/peak_memory_gb`` on CUDA).
+        (validation keys when that epoch validated; ``train/peak_memory_gb`` on CUDA); for
+        restoration ``"val/psnr", "val/ssim", "val/input_psnr", "val/input_ssim", "val/best_psnr"``
+        instead of the Dice keys.
 
     Raises:
         app.data.DataError: bad data, before training starts (one line naming the file).
