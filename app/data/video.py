@@ -16,7 +16,8 @@ clips for the label key.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from os import PathLike
 from pathlib import Path
@@ -134,8 +135,10 @@ class ClipSource:
     Made by :func:`open_clip`. A video file's packets are indexed once (demuxed, not decoded) when
     it is opened; :meth:`read` seeks to the keyframe at or before the window and decodes forward
     from there, so the cost of a read does not grow with the window's position in the file. The
-    container opened by a read stays open for the next one (:meth:`close` closes it; a pickled
-    source, e.g. in a loader worker, opens its own).
+    container opened by a read stays open for the next one, and a read that starts after the
+    previous one ended, with no keyframe in between, goes on decoding where that one stopped, so
+    reading a clip window by window decodes each frame once (:meth:`close` closes the container;
+    a pickled source, e.g. in a loader worker, opens its own).
 
     Attributes:
         path: the video file or the frame folder.
@@ -173,6 +176,9 @@ class ClipSource:
         self._keyframes = keyframes  # video: indices of the frames that are keyframes, ascending
         self._bits = bits
         self._container: Any = None
+        self._frames_iter: Iterator[tuple[int, Any]] | None = None  # the open decoder, where the last read stopped
+        self._last_index: int | None = None  # the last frame that decoder gave
+        self._index_of: dict[int, int] | None = None  # timestamp -> frame index
         self.decoded_frames = 0
 
     def __repr__(self) -> str:
@@ -181,7 +187,7 @@ class ClipSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_container"] = None  # an open container does not cross processes
+        state.update(_container=None, _frames_iter=None, _last_index=None)  # an open decoder does not cross processes
         return state
 
     def __enter__(self) -> ClipSource:
@@ -192,6 +198,7 @@ class ClipSource:
 
     def close(self) -> None:
         """Closes the container a read left open (reads reopen it)."""
+        self._frames_iter, self._last_index = None, None
         if self._container is not None:
             self._container.close()
             self._container = None
@@ -291,64 +298,78 @@ class ClipSource:
         fmt = ("gray16le" if bits16 else "gray") if channels == 1 else ("rgb48le" if bits16 else "rgb24")
         scale = 65535.0 if bits16 else 255.0
         out: dict[int, np.ndarray] = {}
-
-        def keep(frame: Any, index: int) -> None:
-            if size is not None:
-                frame = frame.reformat(width=size[1], height=size[0], format=fmt, interpolation="BILINEAR")
-            array = frame.to_ndarray(format=fmt).astype(np.float32) / scale
-            out[index] = array[None] if channels == 1 else np.moveaxis(array, -1, 0)
-
-        container = self._open()
-        stream = container.streams.video[0]
-        if self._timestamps is None:  # no timestamps to seek by: decode from the start, counting frames
-            container.seek(0)
-            wanted = set(indices)
-            for i, frame in enumerate(container.decode(stream)):
-                self.decoded_frames += 1
-                if i in wanted:
-                    keep(frame, i)
-                if i >= indices[-1]:
-                    break
-        else:
-            position = {self._timestamps[i]: i for i in indices}
-            first, last = self._timestamps[indices[0]], self._timestamps[indices[-1]]
-            key = max((k for k in self._keyframes if k <= indices[0]), default=0)
-            container.seek(self._timestamps[key], stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                self.decoded_frames += 1
-                ts = _timestamp(frame)
-                if ts is None:
-                    continue
-                if not out and ts > first:  # the seek landed past the window: decode from the start
-                    container.seek(0)
-                    return self._decode_from_start(indices, keep, out)
-                if ts in position:
-                    keep(frame, position[ts])
-                if ts >= last:
-                    break
+        wanted = set(indices)
+        frames = self._positioned(indices[0])
+        restarted = False
+        while True:
+            try:
+                index, frame = next(frames)
+            except StopIteration:
+                self._frames_iter = None
+                break
+            if not out and index > indices[0] and not restarted:  # the seek landed past the window
+                restarted = True
+                frames = self._decoder(seek_to=None)
+                continue
+            if index in wanted:
+                if size is not None:
+                    frame = frame.reformat(width=size[1], height=size[0], format=fmt, interpolation="BILINEAR")
+                array = frame.to_ndarray(format=fmt).astype(np.float32) / scale
+                out[index] = array[None] if channels == 1 else np.moveaxis(array, -1, 0)
+            if index >= indices[-1]:
+                break
         missing = [i for i in indices if i not in out]
         if missing:
             raise data_error(self.path, f"frame(s) {missing[:5]}{'...' if len(missing) > 5 else ''} of {self.n_frames} "
                                         "did not decode; the file is damaged or truncated")
         return [out[i] for i in indices]
 
-    def _decode_from_start(self, indices: list[int], keep: Any, out: dict[int, np.ndarray]) -> list[np.ndarray]:
+    def _positioned(self, first: int) -> Iterator[tuple[int, Any]]:
+        """Decoded ``(index, frame)`` pairs that reach frame ``first`` soonest: the previous read's decoder
+        when it stopped before ``first`` with no keyframe in between, else a new one from the keyframe
+        at or before ``first`` (from the start for a clip without timestamps)."""
+        last = self._last_index
+        if self._frames_iter is not None and last is not None and last < first:
+            if self._timestamps is None or self._key_before(first) <= last:
+                return self._frames_iter
+        if self._timestamps is None:
+            return self._decoder(seek_to=None)
+        return self._decoder(seek_to=self._timestamps[self._key_before(first)])
+
+    def _key_before(self, index: int) -> int:
+        assert self._keyframes is not None
+        return self._keyframes[max(0, bisect_right(self._keyframes, index) - 1)]
+
+    def _decoder(self, seek_to: int | None) -> Iterator[tuple[int, Any]]:
+        """Seeks (``seek_to``: to the keyframe at or before that timestamp; None: to the start) and
+        returns the decoder's ``(index, frame)`` pairs, in presentation order; kept for the next read."""
         container = self._open()
         stream = container.streams.video[0]
-        position = {self._timestamps[i]: i for i in indices}  # type: ignore[index]
-        last = self._timestamps[indices[-1]]  # type: ignore[index]
-        for frame in container.decode(stream):
+        if seek_to is None:
+            container.seek(0)
+        else:
+            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+        self._last_index = None
+        self._frames_iter = self._indexed(container.decode(stream), counting=self._timestamps is None)
+        return self._frames_iter
+
+    def _indexed(self, frames: Iterator[Any], counting: bool) -> Iterator[tuple[int, Any]]:
+        """Frames with their index: counted from the start, or looked up by timestamp."""
+        if not counting and self._index_of is None:
+            self._index_of = {ts: i for i, ts in enumerate(self._timestamps or [])}
+        count = -1
+        for frame in frames:
             self.decoded_frames += 1
-            ts = _timestamp(frame)
-            if ts in position:
-                keep(frame, position[ts])
-            if ts is not None and ts >= last:
-                break
-        missing = [i for i in indices if i not in out]
-        if missing:
-            raise data_error(self.path, f"frame(s) {missing[:5]} of {self.n_frames} did not decode; "
-                                        "the file is damaged or truncated")
-        return [out[i] for i in indices]
+            if counting:
+                count += 1
+                index = count
+            else:
+                ts = _timestamp(frame)
+                index = self._index_of.get(ts) if ts is not None else None  # type: ignore[union-attr]
+                if index is None:
+                    continue
+            self._last_index = index
+            yield index, frame
 
 
 def _image_array(img: Image.Image, channels: int) -> np.ndarray:
