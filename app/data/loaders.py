@@ -19,7 +19,6 @@ from typing import Any, Union
 import torch
 import torch.distributed as dist
 from monai.data import DataLoader
-from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.utils import look_up_option
 
@@ -254,7 +253,8 @@ def build_loaders(
         distributed: shard both loaders over the ``torch.distributed`` process group (initialised by
             the caller): training through :class:`~app.data.patches.SeededSampler` (call
             ``train_loader.sampler.set_epoch(epoch)`` every epoch), validation without padding
-            duplicates (reduce metrics across ranks).
+            duplicates: volume ``i`` on rank ``i % world_size``, so a rank may have none when there
+            are fewer volumes than ranks (reduce metrics across ranks).
         seed: seeds the shuffling, the patch positions and the augmentation.
         prepared: the ``(train, val)`` of :func:`prepare_datalist`, when the caller ran it already.
         oversample_foreground: share of patches centred on a labelled voxel (nnU-Net: 0.33).
@@ -323,7 +323,8 @@ def build_loaders(
         val_ds = VolumeDataset(val_cases)
     pin = device_type == "cuda"
     train_sampler = SeededSampler(len(train_ds), seed=seed, num_replicas=world, rank=rank, shuffle=True)
-    val_sampler = MonaiDistributedSampler(val_ds, even_divisible=False, shuffle=False) if distributed else None
+    # every rank scores its share of the volumes, each volume once (a rank may get none)
+    val_sampler = range(rank, len(val_ds), world) if distributed else None
     extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers else {}
     train_loader = DataLoader(
         train_ds,
