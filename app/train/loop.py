@@ -565,9 +565,13 @@ class Trainer:
         return self._loss(logits, label)
 
     def _reallocate_probes(self, batch: dict[str, torch.Tensor]) -> None:
-        """``sketch.n_probes=auto``: let the allocator pick each layer's probes when it is due."""
+        """``sketch.n_probes=auto``: let the allocator pick each layer's probes when it is due (on every
+        rank, at the same steps); under DDP every rank then takes rank 0's choice."""
         allocation = self.allocator.maybe_reallocate(self.progress.global_step, _to_device(batch, self.device))
         if allocation is not None:
+            if self.dist.enabled:
+                allocation = self.allocator.allocation = broadcast_object(self.dist, allocation)
+                self._apply_allocation(allocation)
             counts: dict[int, int] = {}
             for r in allocation.values():
                 counts[r] = counts.get(r, 0) + 1
