@@ -46,19 +46,12 @@ def main() -> None:
             first = None
             for name in args.variants:
                 torch._dynamo.reset()
-                step = TrainingStep(cfg, parse_variant(name), patch, args.batch_size, app.nn.DEFAULT_N_PROBES, {}, device)
-                if mode != "off":
-                    app.nn.probes.ensure_device_seed(device)
-                    step.model = torch.compile(step.model, mode=None if mode == "default" else mode)
-
-                def run() -> None:
-                    torch.compiler.cudagraph_mark_step_begin()
-                    step()
-
+                step = TrainingStep(cfg, parse_variant(name), patch, args.batch_size, app.nn.DEFAULT_N_PROBES, {}, device,
+                                    compile=mode)
                 for _ in range(args.warmup):
-                    run()
+                    step()
                 synchronize(device)
-                ms = statistics.median(timed_calls(run, device, args.repeat)) * 1e3
+                ms = statistics.median(timed_calls(step, device, args.repeat)) * 1e3
                 first = ms if first is None else first
                 rows.append([f"{size}^3", str(args.batch_size), mode, name, f"{ms:.1f}", f"{ms / first:.2f}"])
                 del step

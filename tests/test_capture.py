@@ -105,10 +105,10 @@ def test_trainer_compile_trains_like_eager(tmp_path: Path):
 
 
 def test_unknown_compile_mode_names_the_option():
-    from app.train.loop import compile_model
+    from app.models.compiled import compile_model
 
     with pytest.raises(ValueError, match="trainer.compile must be one of"):
-        compile_model(nn.Linear(2, 2), "fast", "inductor", torch.device("cpu"))
+        compile_model(nn.Linear(2, 2), "fast", torch.device("cpu"))
 
 
 @pytest.mark.gpu

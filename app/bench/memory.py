@@ -48,6 +48,7 @@ from app.measure import (
 from app.bench.networks import BENCH_MODELS
 from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
+from app.models.compiled import COMPILE_MODES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
 from app.utils import atomic_path, resolve_device
@@ -69,7 +70,9 @@ def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, devi
     options = _sketch_options(args)
     stats = measure_step(cfg, patch_size=patch, batch_size=args.batch_size, variant=variant, n_probes=args.n_probes,
                          device=device, warmup=args.warmup, repeat=args.repeat, memory_cap_gib=args.cap_gib,
-                         sketch_options=options, report_errors=True)
+                         sketch_options=options, report_errors=True, compile=args.compile)
+    if args.compile != "off":  # the planner's calibration is of eager steps
+        return stats
     key, fields = cache_key(
         model_config=cfg, device=stats.device, variant=stats.variant, patch_size=patch,
         batch_size=args.batch_size, n_probes=args.n_probes, sketch_options=options,
@@ -218,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-edge", type=int, default=512, help="largest cube tried by --max-cube. Default 512")
     p.add_argument("--edge-step", type=int, default=32,
                    help="--max-cube tries multiples of lcm(network divisor, this). Default 32")
+    p.add_argument("--compile", default="off", choices=list(COMPILE_MODES),
+                   help="torch.compile mode of every variant's network, as trainer.compile (reduce-overhead: CUDA "
+                        "graphs; give --warmup 3). Compiled rows do not enter the calibration cache. Default off")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu. Default auto: cuda when available")
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
         lines = [
             "## Training-step memory per variant (app.bench memory)", "", environment(), "",
-            (f"batch {args.batch_size}, n_probes {args.n_probes}, sketch {args.sketch or 'default'}, {args.warmup} warm-up + {args.repeat} timed steps "
+            (f"batch {args.batch_size}, n_probes {args.n_probes}, sketch {args.sketch or 'default'}, compile {args.compile}, "
+             f"{args.warmup} warm-up + {args.repeat} timed steps "
              f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
              "saved = bytes saved for backward by the forward pass and loss (parameters excluded)"),
         ]

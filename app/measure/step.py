@@ -38,6 +38,7 @@ from app.measure.report import GIB
 from app.measure.timing import peak_since, reset_peak, synchronize, timed_calls
 from app.measure.variants import Variant, parse_variant
 from app.models import build_model, deep_supervision_loss, enable_grad_checkpointing, resolve_model_config
+from app.models.compiled import compile_model, uses_cuda_graphs
 
 __all__ = [
     "TrainingStep",
@@ -210,14 +211,18 @@ class TrainingStep:
         n_probes, sketch_options: stochastic-layer settings (``app.nn.convert``).
         device: where to run.
         seed: seeds the weights, the input and the label.
+        compile: a ``torch.compile`` mode for the network (:data:`app.models.compiled.COMPILE_MODES`),
+            as ``trainer.compile`` does; ``eager_model`` stays the uncompiled network.
     """
 
     def __init__(self, cfg: dict[str, Any], variant: Variant, patch: Sequence[int], batch_size: int, n_probes: int,
-                 sketch_options: Mapping[str, Any], device: torch.device, seed: int = 0) -> None:
+                 sketch_options: Mapping[str, Any], device: torch.device, seed: int = 0, compile: str = "off") -> None:
         from monai.losses import DiceCELoss
 
-        self.model = build_variant_model(cfg, variant, n_probes, sketch_options, seed).to(device).train()
-        self.parameters = list(self.model.parameters())
+        self.eager_model = build_variant_model(cfg, variant, n_probes, sketch_options, seed).to(device).train()
+        self.model = compile_model(self.eager_model, compile, device)
+        self.cuda_graphs = uses_cuda_graphs(compile)
+        self.parameters = list(self.eager_model.parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-4)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         gen = torch.Generator().manual_seed(seed)
@@ -225,12 +230,15 @@ class TrainingStep:
         self.y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
         self.device, self.dtype = device, variant.autocast_dtype
 
-    def forward_loss(self) -> torch.Tensor:
+    def forward_loss(self, eager: bool = False) -> torch.Tensor:
+        """The loss of one forward pass, through the compiled network or (``eager``) the plain one."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(self.x)
+            logits = (self.eager_model if eager else self.model)(self.x)
         return deep_supervision_loss(self.loss_fn, logits, self.y)  # as the trainer: in fp32, outside autocast
 
     def __call__(self) -> None:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         self.optimizer.zero_grad(set_to_none=True)
         self.forward_loss().backward()
         self.optimizer.step()
@@ -238,14 +246,16 @@ class TrainingStep:
 
 def _run(
     cfg: dict[str, Any], v: Variant, patch: tuple[int, ...], batch_size: int, n_probes: int,
-    sketch_options: Mapping[str, Any], device: torch.device, warmup: int, repeat: int, seed: int,
+    sketch_options: Mapping[str, Any], device: torch.device, warmup: int, repeat: int, seed: int, compile: str,
 ) -> StepStats:
+    if compile != "off":
+        torch._dynamo.reset()  # graphs of earlier networks would count against dynamo's recompile limit
     base = reset_peak(device)  # what was allocated before the network (normally 0)
-    step = TrainingStep(cfg, v, patch, batch_size, n_probes, sketch_options, device, seed)
-    params, forward_loss = step.parameters, step.forward_loss
+    step = TrainingStep(cfg, v, patch, batch_size, n_probes, sketch_options, device, seed, compile)
+    params = step.parameters
 
-    with app.nn.SavedTensorCounter(ignore=params) as saved:
-        loss = forward_loss()
+    with app.nn.SavedTensorCounter(ignore=params) as saved:  # a compiled graph saves its own way: count eager
+        loss = step.forward_loss(eager=True)
     del loss
     times: list[float] = []
     peak = math.nan
@@ -278,6 +288,7 @@ def measure_step(
     sketch_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     report_errors: bool = False,
+    compile: str = "off",
 ) -> StepStats:
     """Measure one training step (forward, DiceCE loss, backward, AdamW step) of a network.
 
@@ -303,6 +314,9 @@ def measure_step(
         report_errors: return a failure other than out-of-memory (e.g. a kernel refusing a
             tensor this large) as ``status="error"`` instead of raising it, as searches and
             benchmark tables want: that size does not train either. Default False.
+        compile: run the network through ``torch.compile`` in this mode
+            (:data:`app.models.compiled.COMPILE_MODES`; compilation happens in the warm-up, so
+            give ``warmup >= 2`` with CUDA graphs). Default ``"off"``.
 
     Returns:
         The :class:`StepStats`; out-of-memory gives ``status="oom"`` instead of raising (other
@@ -334,7 +348,7 @@ def measure_step(
     with memory_cap(memory_cap_gib, dev):
         free_memory(dev)
         try:
-            stats = _run(cfg, v, patch, batch_size, n_probes, dict(sketch_options or {}), dev, warmup, repeat, seed)
+            stats = _run(cfg, v, patch, batch_size, n_probes, dict(sketch_options or {}), dev, warmup, repeat, seed, compile)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if is_out_of_memory(exc):
                 failure = (OOM, _first_line(exc))

@@ -74,7 +74,10 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    return bits.view(-1)[:numel].view(torch.bool).view(shape)
+    flat = bits.view(-1)[:numel]
+    # eager reinterprets the 0/1 bytes in place; inductor's CPU code cannot bit-cast bytes to bool
+    mask = flat != 0 if torch.compiler.is_compiling() else flat.view(torch.bool)
+    return mask.view(shape)
 
 
 class _SignMaskActivation(torch.autograd.Function):
@@ -128,7 +131,8 @@ def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.leaky_relu(x, negative_slope, inplace) if negative_slope else F.relu(x, inplace)
-    return _SignMaskActivation.apply(x, float(negative_slope), inplace)
+    # a traced graph plans its own buffers, and dynamo cannot trace a Function that dirties its input
+    return _SignMaskActivation.apply(x, float(negative_slope), inplace and not torch.compiler.is_compiling())
 
 
 def _kept_dtype(dtype: torch.dtype, storage: torch.dtype) -> torch.dtype:

@@ -74,6 +74,7 @@ from app.models import (
     resolve_model_config,
     save_checkpoint,
 )
+from app.models.compiled import compile_model, uncompiled, uses_cuda_graphs
 from app.nn.fidelity import split_sketch_config
 from app.train.auto_patch import is_auto, resolve_auto_patch_size
 from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume_on_rank0
@@ -223,40 +224,9 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[to
             label.as_subclass(torch.Tensor).to(device, non_blocking=True))
 
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-"""``trainer.compile``: ``off`` (eager), or the ``torch.compile`` mode the training model is compiled
-with; ``reduce-overhead`` also replays the compiled forward and backward as CUDA graphs."""
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """``model`` without a ``torch.compile`` wrapper (the module the optimizer and checkpoints see)."""
-    return getattr(model, "_orig_mod", model)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
-    model = _uncompiled(model)
+    model = uncompiled(model)
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def compile_model(model: nn.Module, mode: str, backend: str, device: torch.device) -> nn.Module:
-    """``model`` compiled for training under ``trainer.compile=mode`` (``off``: ``model`` itself).
-
-    Exact and stochastic models alike. The spectral sketch draws its seeds on the device inside a
-    compiled graph (``app.nn.probes.device_seed``); its counter is made here, before tracing, so the
-    first graph has no break. ``backend`` other than ``inductor`` takes no mode (``aot_eager``
-    traces forward and backward without generating code: what the CPU tests use).
-
-    Raises:
-        ValueError: ``mode`` is not one of :data:`COMPILE_MODES`.
-    """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"trainer.compile must be one of {list(COMPILE_MODES)}, but got trainer.compile={mode!r}")
-    if mode == "off":
-        return model
-    app.nn.probes.ensure_device_seed(device)
-    if backend != "inductor":
-        return torch.compile(model, backend=backend)
-    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 class Trainer:
@@ -402,7 +372,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
             )
         self.compile_mode = str(cfg.trainer.get("compile", "off"))
-        model = compile_model(model, self.compile_mode, str(cfg.trainer.get("compile_backend", "inductor")), self.device)
+        model = compile_model(model, self.compile_mode, self.device, str(cfg.trainer.get("compile_backend", "inductor")))
         if self.compile_mode != "off":
             log.info("training model compiled: torch.compile mode=%s", self.compile_mode)
         self.model = model
@@ -763,9 +733,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             image, label = _to_device(batch, self.device)
-            ddp = _uncompiled(model)
+            ddp = uncompiled(model)
             sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and i < accum - 1 else nullcontext()
-            if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            if uses_cuda_graphs(self.compile_mode):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are done with
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
