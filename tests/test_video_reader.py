@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.data import DataError, open_clip, write_video
+from app.data import open_clip, write_video
 from app.data.video import FOLDER_FPS, read_video_volume
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -4,7 +4,6 @@ side-by-side validation clips on their own (CPU, small)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
