@@ -89,6 +89,15 @@ def test_masks_from_video_png_and_nifti_preprocess_the_same(tmp_path: Path) -> N
     assert cases["video"].image.shape == (3, *SHAPE) and set(np.unique(cases["video"].label)) == {0, 1, 2}
 
 
+def test_generated_data_set_with_mask_folders_is_reused(tmp_path: Path) -> None:
+    root = make_synthetic_video_dataset(tmp_path / "ds", n_train=1, n_val=1, shape=SHAPE, masks="png")
+    first = root / "labelsTr" / "clip_000" / "00000.png"
+    first.write_bytes(first.read_bytes())  # a new modification time, same content
+    stamp = first.stat().st_mtime_ns
+    assert make_synthetic_video_dataset(root, n_train=1, n_val=1, shape=SHAPE, masks="png") == root
+    assert first.stat().st_mtime_ns == stamp  # found complete: nothing rewritten
+
+
 def test_frame_folder_images_with_mask_folders(tmp_path: Path) -> None:
     """imagesTr/<case>/ frame folders pair with labelsTr/<case>/ mask folders by name."""
     root = tmp_path / "folders"

@@ -86,7 +86,7 @@ def claim_dataset_root(root: PathLikeStr, key: str, params: dict[str, Any]) -> b
                 f"holds a different dataset ({key}: {found}, requested {want}); "
                 "refusing to overwrite it, use another folder or delete this one",
             )
-        if all(p.is_file() for p in _listed_files(root, meta)):
+        if all(p.exists() for p in _listed_files(root, meta)):  # files, or folders of frames / masks
             return True
     elif marker.is_file():
         try:
