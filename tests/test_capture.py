@@ -179,3 +179,55 @@ def test_compiled_converted_dynunet_step_on_cuda(mode):
     assert all(math.isfinite(v) for v in losses)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("sketch", ["spectral", "shifted"])
+def test_compiled_gradients_equal_eager_under_autocast(sketch):
+    """With the seeds fixed, a compiled regular + transposed stochastic pair under bf16 autocast gives
+    eager's gradients: exactly for the spectral sketch (its backward, traced under the forward's
+    autocast, has no operation that autocast rounds), within bf16 rounding of the probe products for
+    the probe sketches; and the layers leave autocast on for what follows them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 12, 12, generator=gen).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, 3, generator=gen).requires_grad_()
+    wt = torch.randn(6, 3, 2, 2, 2, generator=gen).requires_grad_()
+
+    def pair(inp):
+        y = snn.stochastic_conv3d(inp, w, padding=1, n_probes=16, sketch=sketch, seed=7)
+        z = snn.stochastic_conv_transpose3d(torch.relu(y), wt, stride=2, n_probes=16, sketch=sketch, seed=11)
+        return z, torch.is_autocast_enabled("cpu")
+
+    def grads(fn):
+        for t in (x, w, wt):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, autocast_on = fn(x)
+        assert autocast_on
+        (out.float() ** 2).sum().backward()
+        return [t.grad.clone() for t in (x, w, wt)]
+
+    eager = grads(pair)
+    torch._dynamo.reset()
+    # the probe sketches seed host generators, a graph break; the spectral sketch traces whole
+    compiled = grads(torch.compile(pair, backend="aot_eager", fullgraph=sketch == "spectral"))
+    tolerance = 0.0 if sketch == "spectral" else 0.01
+    for a, b in zip(eager, compiled):
+        assert ((a - b).norm() / a.norm()).item() <= tolerance
+
+
+def test_lean_stochastic_block_compiles_as_one_graph():
+    """Lean norms and in-place lean activations between stochastic convolutions trace without a graph
+    break (``fullgraph=True`` raises on one), forward and backward, under bf16 autocast."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                        nn.Conv3d(8, 8, 3, padding=1, stride=2), nn.InstanceNorm3d(8, affine=True), nn.ReLU(inplace=True),
+                        nn.ConvTranspose3d(8, 2, 2, stride=2))
+    snn.convert(net, 16, lean=True)
+    probes.ensure_device_seed(torch.device("cpu"))
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

@@ -31,6 +31,7 @@ The spectral sketch ignores ``control``: the mean is its zero frequency, always 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,12 +199,24 @@ def _bmm_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b.transpose(1, 2)).float().sum(0)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off in :class:`_StochasticConv`'s forward and backward (the inputs are cast
+    already; the sketch and the gradients keep their own precision). While ``torch.compile`` traces,
+    a no-op: dynamo loses the autocast state when it speculates a Function whose backward enters such
+    a block (later layers then see autocast off), and the traced code has no operation that autocast
+    would change (the convolutions' operands share one dtype, channel mixes run in ``x``'s dtype,
+    FFTs and the gradient sums in fp32 or complex64)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class _StochasticConv(torch.autograd.Function):
     """Autograd function behind every stochastic convolution. Not public: use the functionals."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, geom: ConvGeometry, n_probes: int, probes: str, sketch: str, control: str, seed: int):
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             y = _conv(x, weight, bias, geom)
             ctx.geom, ctx.n_probes, ctx.probes, ctx.sketch = geom, n_probes, probes, sketch
             ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
@@ -233,7 +246,7 @@ class _StochasticConv(torch.autograd.Function):
         weight, seed_t, *state = ctx.saved_tensors
         geom = ctx.geom
         grad_x = grad_w = grad_b = None
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with _autocast_off(grad_y.device.type):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_y.sum(dim=(0, *range(2, grad_y.dim())))
             if ctx.needs_input_grad[0]:

@@ -299,7 +299,9 @@ def _taus(geom: Geometry, sizes: Sequence[int], device: torch.device) -> torch.T
 def _phase(coords: torch.Tensor, sizes: Sequence[int], geom: Geometry) -> torch.Tensor:
     """``exp(2πi Σ_d f_d τ_{k,d} / M_d)`` with ``τ = d·k − p`` for frequencies ``coords``
     ``(*S, D)`` (integer coordinates, one per dimension): shape ``(*S, K)``."""
-    angle = coords.float() @ _taus(geom, sizes, coords.device)  # in turns
+    # in turns; a sum of D products rather than a matmul, which autocast would round to bf16 (a
+    # compiled backward is traced under the forward's autocast)
+    angle = (coords.float().unsqueeze(-1) * _taus(geom, sizes, coords.device)).sum(-2)
     # the angle is only needed modulo 1 turn: keep it small before the float32 sin/cos
     angle = torch.frac(angle).mul_(2 * math.pi)
     return torch.polar(torch.ones_like(angle), angle)
