@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
@@ -54,6 +55,7 @@ def main() -> None:
                 ms = statistics.median(timed_calls(step, device, args.repeat)) * 1e3
                 first = ms if first is None else first
                 rows.append([f"{size}^3", str(args.batch_size), mode, name, f"{ms:.1f}", f"{ms / first:.2f}"])
+                print("[capture] " + " ".join(rows[-1]), file=sys.stderr, flush=True)
                 del step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

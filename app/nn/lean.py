@@ -62,7 +62,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(torch.uint8).view(-1, 8)
+    # eager reinterprets the bools in place; traced code converts (a bool-to-byte view does not trace everywhere)
+    bits = (flat.to(torch.uint8) if torch.compiler.is_compiling() else flat.view(torch.uint8)).view(-1, 8)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
     return (bits * weights).sum(1, dtype=torch.uint8)  # distinct powers of two: no overflow
 
