@@ -70,6 +70,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--amp", default="off", help="trainer.amp (default off)")
     p.add_argument("--root", type=Path, default=None,
                    help="data set folder (default $STOCHPROP_DATA or ~/.cache/stochprop, bench-decathlon-<cases>-<shape>)")
+    p.add_argument("--existing", action="store_true",
+                   help="--root is a Decathlon folder on disk (e.g. real scans): time it as it is, generate nothing")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one, removed after)")
     p.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the training rows")
     return p.parse_args()
@@ -143,7 +145,11 @@ def main() -> None:
     root = args.root or Path(os.environ.get("STOCHPROP_DATA", "~/.cache/stochprop")).expanduser() / (
         f"bench-decathlon-{args.cases}-{'x'.join(map(str, shape))}")
     started = time.perf_counter()
-    make_synthetic_dataset(root, n_train=args.cases, n_val=1, shape=shape, n_classes=3, spacing=args.spacing, seed=0)
+    if args.existing:
+        if not (root / "dataset.json").is_file():
+            raise SystemExit(f"--existing: {root} has no dataset.json")
+    else:
+        make_synthetic_dataset(root, n_train=args.cases, n_val=1, shape=shape, n_classes=3, spacing=args.spacing, seed=0)
     generated = time.perf_counter() - started
     temporary = args.cache_dir is None
     cache = Path(tempfile.mkdtemp(prefix="bench-data-cache-")) if temporary else args.cache_dir
@@ -161,8 +167,9 @@ def main() -> None:
         size_gb = sum(f.stat().st_size for f in cache.iterdir()) / 1e9
 
         workers = resolve_num_workers(args.num_workers, device.type)
-        print(f"## Data path: {n_cases} cases of {'x'.join(map(str, shape))} voxels at "
-              f"{' x '.join(f'{s:g}' for s in args.spacing)} mm, resampled to {' x '.join(f'{s:g}' for s in args.target_spacing)} mm "
+        source = (f"{root}" if args.existing else
+                  f"{'x'.join(map(str, shape))} voxels at {' x '.join(f'{s:g}' for s in args.spacing)} mm")
+        print(f"## Data path: {n_cases} cases of {source}, resampled to {' x '.join(f'{s:g}' for s in args.target_spacing)} mm "
               f"({'x'.join(map(str, stored))} voxels stored), {device.type}\n")
         print("\n".join(_environment(device, workers)) + "\n")
         print("| preprocessing | s | s/case |\n|---|---:|---:|")
