@@ -10,13 +10,15 @@ training sample or a validation clip is degraded the same way in every worker an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
 import av
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from app.utils import dataclass_from_mapping
 
 __all__ = ["Degradation", "compress_h264"]
 
@@ -107,11 +109,7 @@ class Degradation:
         Raises:
             ValueError: unknown keys (the message lists the known ones).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown degradation keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**{k: data[k] for k in data})
+        return dataclass_from_mapping(cls, data, "degradation")
 
     def __call__(self, clip: np.ndarray, seed: int) -> np.ndarray:
         """Degrades one clip.

@@ -19,7 +19,6 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from app.data.degrade import Degradation
 from app.data.preprocess import PreparedCases, PreprocessedCase
-from app.data.transforms import rotation_plane
 
 __all__ = [
     "Augmentation",
@@ -178,7 +177,27 @@ def crop_patch(array: np.ndarray, corner: Sequence[int], patch: Sequence[int]) -
     return out
 
 
-class PatchDataset(Dataset):
+class _SeededPatches(Dataset):
+    """Patches cut from prepared cases, each item seeded by the index pair :class:`SeededSampler` yields."""
+
+    def __init__(self, cases: PreparedCases, patch_size: Sequence[int], num_samples: int,
+                 augmentation: Augmentation | None) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got num_samples={num_samples}")
+        self.cases = cases
+        self.patch = tuple(int(p) for p in patch_size)
+        self.num_samples = num_samples
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> _SeededPatches:
+        """No state to seed (MONAI's loaders call this): each item carries its own seed."""
+        return self
+
+
+class PatchDataset(_SeededPatches):
     """Random training patches; items are ``(index, seed)`` pairs from :class:`SeededSampler`.
 
     Args:
@@ -206,21 +225,9 @@ class PatchDataset(Dataset):
     ) -> None:
         if not 0.0 <= oversample_foreground <= 1.0:
             raise ValueError(f"oversample_foreground must be in [0, 1], got oversample_foreground={oversample_foreground}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got num_samples={num_samples}")
-        self.cases = cases
-        self.patch = tuple(int(p) for p in patch_size)
+        super().__init__(cases, patch_size, num_samples, augmentation)
         self.n_classes = n_classes
-        self.num_samples = num_samples
         self.oversample_foreground = float(oversample_foreground)
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PatchDataset:
-        """No state to seed (MONAI's loaders call this): each item carries its own seed."""
-        return self
 
     def __getitem__(self, item: tuple[int, int] | int) -> list[dict[str, torch.Tensor]]:
         index, seed = item if isinstance(item, tuple) else (int(item), 0)
@@ -253,7 +260,7 @@ class VolumeDataset(Dataset):
                 "label": torch.from_numpy(np.array(case.label, dtype=np.float32))}
 
 
-class RestorationPatchDataset(Dataset):
+class RestorationPatchDataset(_SeededPatches):
     """Random training windows for restoration; items are ``(index, seed)`` pairs from :class:`SeededSampler`.
 
     A window is cut from the clean clip (uniformly: there are no labels to oversample), augmented
@@ -280,20 +287,8 @@ class RestorationPatchDataset(Dataset):
         num_samples: int = 1,
         augmentation: Augmentation | None = None,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got num_samples={num_samples}")
-        self.cases = cases
-        self.patch = tuple(int(p) for p in patch_size)
+        super().__init__(cases, patch_size, num_samples, augmentation)
         self.degradation = degradation
-        self.num_samples = num_samples
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RestorationPatchDataset:
-        """No state to seed (MONAI's loaders call this): each item carries its own seed."""
-        return self
 
     def __getitem__(self, item: tuple[int, int] | int) -> list[dict[str, torch.Tensor]]:
         index, seed = item if isinstance(item, tuple) else (int(item), 0)

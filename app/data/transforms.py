@@ -8,7 +8,7 @@ sees the same intensities and grid at inference as in training; its settings liv
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from monai.utils import look_up_option
 
 from app.data.errors import DataError, data_error
 from app.data.video import MaskClipReader, VideoReader, is_clip
+from app.utils import dataclass_from_mapping
 
 __all__ = [
     "INTENSITY_MODES",
@@ -127,11 +128,7 @@ class Preprocessing:
         Raises:
             ValueError: unknown keys (the message lists the known ones).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown Preprocessing keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**{k: data[k] for k in data})
+        return dataclass_from_mapping(cls, data, "Preprocessing")
 
 
 def _above_minimum(x: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["parse_key_values"]
+__all__ = ["dataclass_from_mapping", "parse_key_values"]
+
+T = TypeVar("T")
 
 
 def parse_key_values(pairs: Sequence[str], option: str = "--model-arg") -> dict[str, Any]:
@@ -35,3 +38,16 @@ def parse_key_values(pairs: Sequence[str], option: str = "--model-arg") -> dict[
         except yaml.YAMLError as exc:
             raise ValueError(f"{option} {pair!r}: the value is neither JSON nor valid YAML ({' '.join(str(exc).split())})") from exc
     return out
+
+
+def dataclass_from_mapping(cls: type[T], data: Mapping[str, Any], what: str) -> T:
+    """``cls(**data)`` for a dataclass, from a dict or an OmegaConf mapping.
+
+    Raises:
+        ValueError: keys ``cls`` has no field for, named with ``what`` and the known keys listed.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known keys are {sorted(known)}")
+    return cls(**{k: data[k] for k in data})
