@@ -162,6 +162,7 @@ def test_two_ranks_stay_in_step_only_rank0_writes_and_resume_changes_process_cou
     assert [h["epoch"] for h in load_checkpoint(run / "checkpoints" / "last.pt")["history"]] == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.slow  # the single-process SIGTERM test (tests/test_train_kill.py) runs in the default suite
 def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_75(tmp_path, data_args, caplog):
     run = tmp_path / "run"
     ranks = Ranks(2, run, [*LAUNCH, *data_args, *ARGS, "trainer.max_epochs=100", "trainer.num_workers=1",

@@ -46,7 +46,7 @@ def _run(out: Path, root: Path, n_probes: int) -> dict[str, float]:
     return train(cfg)
 
 
-@pytest.mark.parametrize("n_probes", [0, DEFAULT_N_PROBES], ids=["exact", "default-sketch"])
+@pytest.mark.parametrize("n_probes", [pytest.param(0, marks=pytest.mark.slow), DEFAULT_N_PROBES], ids=["exact", "default-sketch"])
 def test_training_clears_the_dice_bar(tmp_path, data_root, n_probes):
     metrics = _run(tmp_path / "run", data_root, n_probes)
     assert metrics["global_step"] == STEPS

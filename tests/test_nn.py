@@ -524,6 +524,7 @@ def test_works_under_non_reentrant_checkpoint():
     _z_test(estimates, gw_ref, low=0.3, high=1.7)
 
 
+@pytest.mark.slow  # compiled correctness runs by default in tests/test_capture.py
 def test_works_under_torch_compile():
     net = _small_net()
     x = torch.rand(2, 2, 6, 6, 6)

@@ -156,6 +156,7 @@ def test_bad_data_fails_before_training_with_the_file_named(tmp_path, break_it):
 # ----------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow  # tests/test_ddp.py runs two ranks by default, checking more
 def test_ddp_two_processes_on_cpu(tmp_path, synthetic_root):
     run_dir = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
