@@ -22,12 +22,7 @@ FP32_MARGIN = 8
 NORM = ("INSTANCE", {"affine": True})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture of conftest.py
 
 
 def _accurate(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor, what: str) -> None:

@@ -17,12 +17,7 @@ import app.nn as snn
 from app.nn import probes, spectral
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture of conftest.py
 
 
 def _small_net() -> nn.Sequential:
