@@ -1,13 +1,14 @@
-"""Training-step time of variants, eager and ``torch.compile``d (issue 12's comparison).
+"""Training-step time of variants, eager, captured and ``torch.compile``d (issue 12's comparison).
 
 Each row: one ``app.measure.TrainingStep`` (forward under the variant's autocast, DiceCE, backward,
-AdamW) of the benchmark network at one patch size, with its model either eager or compiled with
-``--modes`` (``reduce-overhead`` replays forward and backward as CUDA graphs). The median of
-``--repeat`` steps after ``--warmup`` (compilation happens in the warm-up), and the ratio against
-the first variant at the same size and mode. Prints markdown.
+AdamW) of the benchmark network at one patch size, run as ``--modes`` say, as ``trainer.compile``
+does: ``off`` (eager), ``cuda-graphs`` (forward, loss and backward captured as one CUDA graph),
+or a ``torch.compile`` mode (``reduce-overhead`` replays forward and backward as CUDA graphs). The
+median of ``--repeat`` steps after ``--warmup`` (capture and compilation happen in the warm-up),
+and the ratio against the first variant at the same size and mode. Prints markdown.
 
     python scripts/bench_capture.py --sizes 64 128 256 --batch-size 1 \
-        --variants amp stochastic+lean+amp --modes off reduce-overhead
+        --variants amp stochastic+lean+amp --modes off cuda-graphs
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=["amp", "stochastic+lean+amp"])
-    parser.add_argument("--modes", nargs="+", default=["off", "reduce-overhead"],
-                        help="off (eager) or torch.compile modes. Default off reduce-overhead")
+    parser.add_argument("--modes", nargs="+", default=["off", "cuda-graphs"],
+                        help="off (eager), cuda-graphs, or torch.compile modes. Default off cuda-graphs")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--device", default="cuda")
@@ -49,7 +50,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 step = TrainingStep(cfg, parse_variant(name), patch, args.batch_size, app.nn.DEFAULT_N_PROBES, {}, device,
                                     compile=mode)
-                for _ in range(args.warmup):
+                for _ in range(max(args.warmup, step.calls_before_steady)):
                     step()
                 synchronize(device)
                 ms = statistics.median(timed_calls(step, device, args.repeat)) * 1e3

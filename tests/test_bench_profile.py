@@ -46,3 +46,20 @@ def test_cli_prints_and_writes_the_summary(tmp_path, capsys):
     assert (tmp_path / "profile.md").read_text().strip() == text.strip()
     raw = json.loads((tmp_path / "profile.json").read_text())
     assert raw["layers"] and {"converted_forward", "plain_backward"} <= set(raw["layers"][0])
+
+
+def test_step_profile_names_the_operators_of_each_variant(tmp_path, capsys):
+    """``--steps``: one table of totals, then per variant its operators by time; the stochastic step
+    runs FFTs that the exact one does not, and the operators' times add up to the step's."""
+    assert main(["--edge", "16", "--device", "cpu", "--repeat", "1", "--n-probes", "8", "--top", "200",
+                 "--steps", "exact", "stochastic+lean", "--model-arg", "base_features=4", "max_features=8",
+                 "max_depth=3", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| variant | ops/step | host ms |" in text
+    assert "**exact**: top 200 operators" in text and "**stochastic+lean**: top 200 operators" in text
+    steps = {s["variant"]: s for s in json.loads((tmp_path / "profile.json").read_text())["steps"]}
+    names = {v: {op[0] for op in s["operators"]} for v, s in steps.items()}
+    assert "aten::_fft_r2c" in names["stochastic+lean"] and "aten::_fft_r2c" not in names["exact"]
+    for s in steps.values():
+        total = sum(op[2] for op in s["operators"])
+        assert 0 < total <= s["host_ms"] * 1.05  # self times partition the profiled host time

@@ -14,10 +14,16 @@ A summary sums each layer kind (stochastic conv, lean norm, lean activation and 
 counterparts) over the network. Prints markdown and writes ``profile.md``/``profile.json`` to
 ``--out`` when given.
 
+``--steps VARIANT ...`` profiles whole training steps instead (``app.measure.TrainingStep``:
+forward, DiceCE, backward, AdamW), one per variant side by side: host and device time per step and
+the operators that take the most device time (self time, summed over the step), so what is left of
+a variant's step against another one's is named operator by operator.
+
 Examples::
 
     python -m app.bench profile --edge 128 --device cuda --amp bf16
     python -m app.bench profile --edge 32 --device cpu     # seconds on a laptop
+    python -m app.bench profile --edge 256 --device cuda --steps amp stochastic+lean+amp
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import app.nn
 from app.measure import environment, markdown_table, synchronize
+from app.measure.step import TrainingStep
+from app.measure.variants import parse_variant
 from app.bench.networks import add_model_arguments, bench_model_config
 from app.models import build_model
 from app.utils import amp_dtype, atomic_path, resolve_device
 
-__all__ = ["LayerProfile", "PassProfile", "layer_kind", "main", "profile_calls", "profile_layer", "profile_layers"]
+__all__ = ["LayerProfile", "PassProfile", "StepProfile", "layer_kind", "main", "profile_calls", "profile_layer",
+           "profile_layers", "profile_step"]
 
 _PROFILED = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.ReLU, nn.LeakyReLU,
              nn.PReLU, nn.GELU)
@@ -101,6 +110,59 @@ def profile_calls(calls: Sequence[Callable[[], Any]], device: torch.device) -> P
     n = len(calls)
     return PassProfile(ops=round(ops / n), kernels=round(len(kernels) / n), host_ms=host * 1e3 / n,
                        device_ms=sum(e.device_time for e in kernels) / 1e3 / n)
+
+
+@dataclass
+class StepProfile:
+    """One training step of a variant: totals per step and its operators by device (CPU: self) time."""
+
+    variant: str
+    kernels: int
+    host_ms: float
+    device_ms: float
+    operators: list[tuple[str, int, float]]
+    """``(operator, calls per step, self ms per step)``, most time first."""
+
+
+def profile_step(step: Callable[[], Any], variant: str, device: torch.device, repeat: int = 3) -> StepProfile:
+    """Profiles ``repeat`` calls of a training ``step`` (warmed up by the caller); means per step.
+
+    On CUDA an operator's time is the device time of the kernels it launched itself (``self``), so
+    the operators sum to the step's device time; on the CPU it is the operator's self CPU time.
+    """
+    synchronize(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        synchronize(device)
+        host = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    operators = []
+    for avg in prof.key_averages():
+        self_us = avg.self_device_time_total if cuda else avg.self_cpu_time_total
+        if self_us > 0 and (not cuda or avg.device_type == DeviceType.CPU):
+            operators.append((avg.key, round(avg.count / repeat), self_us / 1e3 / repeat))
+    operators.sort(key=lambda op: -op[2])
+    return StepProfile(variant, kernels=round(len(kernels) / repeat), host_ms=host * 1e3 / repeat,
+                       device_ms=sum(e.device_time for e in kernels) / 1e3 / repeat, operators=operators)
+
+
+def step_tables(profiles: Sequence[StepProfile], cuda: bool, top: int) -> str:
+    """Markdown: per variant, the step's totals, then the ``top`` operators of each by time."""
+    count = "launches" if cuda else "ops"
+    totals = [[p.variant, p.kernels if cuda else sum(op[1] for op in p.operators), p.host_ms]
+              + ([p.device_ms] if cuda else []) for p in profiles]
+    lines = [markdown_table(["variant", f"{count}/step", "host ms", *(["device ms"] if cuda else [])], totals)]
+    unit = "device" if cuda else "self CPU"
+    for p in profiles:
+        total = sum(op[2] for op in p.operators) or 1.0
+        rows = [[name, calls, ms, f"{100 * ms / total:.1f}"] for name, calls, ms in p.operators[:top]]
+        lines += ["", f"**{p.variant}**: top {top} operators by {unit} time", "",
+                  markdown_table(["operator", "calls/step", f"{unit} ms/step", "% of step"], rows)]
+    return "\n".join(lines)
 
 
 def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -207,6 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="profiled calls per pass (their mean is reported). Default 3")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N. Default auto")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    p.add_argument("--steps", nargs="+", default=None, metavar="VARIANT",
+                   help="profile whole training steps of these variants (e.g. amp stochastic+lean+amp) instead of layers")
+    p.add_argument("--top", type=int, default=15, help="operators listed per variant with --steps. Default 15")
     p.add_argument("--out", default=None, help="folder for profile.md and profile.json")
     return p
 
@@ -221,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     cuda = device.type == "cuda"
+    if args.steps:
+        return _main_steps(args, cfg, device)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     x = torch.randn(args.batch_size, 1, args.edge, args.edge, args.edge, device=device)
@@ -244,4 +311,31 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(out / "profile.json") as tmp:
             tmp.write_text(json.dumps({"environment": environment(), "args": vars(args),
                                        "layers": [asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+def _main_steps(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device) -> int:
+    """``--steps``: whole training steps per variant, side by side."""
+    patch = (args.edge,) * 3
+    profiles = []
+    for name in args.steps:
+        step = TrainingStep(cfg, parse_variant(name), patch, args.batch_size, args.n_probes, {}, device)
+        step()  # warm-up: cuDNN plans, caches, allocator
+        step()
+        profiles.append(profile_step(step, name, device, args.repeat))
+        print(f"[profile] {name}: {profiles[-1].host_ms:.1f} ms host, {profiles[-1].device_ms:.1f} ms device per step",
+              flush=True)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = (f"## Training-step profile: {args.model} at {args.edge}^3, batch {args.batch_size}\n\n{environment()}\n\n"
+            + step_tables(profiles, device.type == "cuda", args.top) + "\n")
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        with atomic_path(out / "profile.md") as tmp:
+            tmp.write_text(text)
+        with atomic_path(out / "profile.json") as tmp:
+            tmp.write_text(json.dumps({"environment": environment(), "args": vars(args),
+                                       "steps": [asdict(p) for p in profiles]}, indent=1))
     return 0

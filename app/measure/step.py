@@ -32,13 +32,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 import app.nn
 from app.measure.report import GIB
 from app.measure.timing import peak_since, reset_peak, synchronize, timed_calls
 from app.measure.variants import Variant, parse_variant
 from app.models import build_model, deep_supervision_loss, enable_grad_checkpointing, resolve_model_config
-from app.models.compiled import compile_model, uses_cuda_graphs
+from app.models.compiled import CUDA_GRAPHS, CapturedBackward, check_capturable, compile_model, uses_cuda_graphs
 
 __all__ = [
     "TrainingStep",
@@ -211,8 +212,9 @@ class TrainingStep:
         n_probes, sketch_options: stochastic-layer settings (``app.nn.convert``).
         device: where to run.
         seed: seeds the weights, the input and the label.
-        compile: a ``torch.compile`` mode for the network (:data:`app.models.compiled.COMPILE_MODES`),
-            as ``trainer.compile`` does; ``eager_model`` stays the uncompiled network.
+        compile: ``trainer.compile``'s setting (:data:`app.models.compiled.COMPILE_MODES`): a
+            ``torch.compile`` mode for the network, or ``cuda-graphs`` (forward, loss and backward
+            captured as one CUDA graph after 3 eager steps); ``eager_model`` stays the uncompiled network.
     """
 
     def __init__(self, cfg: dict[str, Any], variant: Variant, patch: Sequence[int], batch_size: int, n_probes: int,
@@ -229,18 +231,34 @@ class TrainingStep:
         self.x = torch.randn((batch_size, int(cfg["in_channels"]), *patch), generator=gen).to(device)
         self.y = torch.randint(0, int(cfg["out_channels"]), (batch_size, 1, *patch), generator=gen).to(device)
         self.device, self.dtype = device, variant.autocast_dtype
+        self.captured: CapturedBackward | None = None
+        if compile == CUDA_GRAPHS:
+            check_capturable(self.eager_model, device, self.dtype)
+            self.captured = CapturedBackward(self._loss_of, self.parameters)
+
+    @property
+    def calls_before_steady(self) -> int:
+        """Calls after which every step runs as it will from then on (``cuda-graphs``: once captured)."""
+        return 0 if self.captured is None else self.captured.warmup + 1
+
+    def _loss_of(self, image: torch.Tensor, label: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The loss of ``model`` (default: the eager network) on one batch, as the trainer computes it."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = (model or self.eager_model)(image)
+        return deep_supervision_loss(self.loss_fn, logits, label)  # as the trainer: in fp32, outside autocast
 
     def forward_loss(self, eager: bool = False) -> torch.Tensor:
         """The loss of one forward pass, through the compiled network or (``eager``) the plain one."""
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = (self.eager_model if eager else self.model)(self.x)
-        return deep_supervision_loss(self.loss_fn, logits, self.y)  # as the trainer: in fp32, outside autocast
+        return self._loss_of(self.x, self.y, self.eager_model if eager else self.model)
 
     def __call__(self) -> None:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         self.optimizer.zero_grad(set_to_none=True)
-        self.forward_loss().backward()
+        if self.captured is not None:
+            self.captured(self.x, self.y)
+        else:
+            self.forward_loss().backward()
         self.optimizer.step()
 
 
@@ -260,7 +278,7 @@ def _run(
     times: list[float] = []
     peak = math.nan
     if repeat > 0:
-        for _ in range(warmup):
+        for _ in range(max(warmup, step.calls_before_steady)):
             step()
         reset_peak(device)
         times = timed_calls(step, device, repeat)

@@ -70,11 +70,10 @@ from app.models import (
     build_model,
     deep_supervision_loss,
     enable_grad_checkpointing,
-    load_checkpoint,
     resolve_model_config,
     save_checkpoint,
 )
-from app.models.compiled import compile_model, uncompiled, uses_cuda_graphs
+from app.models.compiled import CUDA_GRAPHS, CapturedBackward, check_capturable, compile_model, uncompiled, uses_cuda_graphs
 from app.nn.fidelity import split_sketch_config
 from app.train.auto_patch import is_auto, resolve_auto_patch_size
 from app.train.checkpoints import BEST, LAST, CheckpointStore, find_resume_on_rank0
@@ -373,7 +372,13 @@ class Trainer:
             )
         self.compile_mode = str(cfg.trainer.get("compile", "off"))
         model = compile_model(model, self.compile_mode, self.device, str(cfg.trainer.get("compile_backend", "inductor")))
-        if self.compile_mode != "off":
+        self.captured: CapturedBackward | None = None
+        if self.compile_mode == CUDA_GRAPHS:
+            check_capturable(model, self.device, self.amp_dtype, self.dist.world_size)
+            self.captured = CapturedBackward(self._scaled_batch_loss, list(model.parameters()))
+            log.info("training step captured as a CUDA graph after %d eager steps (trainer.compile=%s)",
+                     self.captured.warmup, CUDA_GRAPHS)
+        elif self.compile_mode != "off":
             log.info("training model compiled: torch.compile mode=%s", self.compile_mode)
         self.model = model
         if self.degradation is None:
@@ -504,6 +509,8 @@ class Trainer:
         for name, n in allocation.items():
             if name in layers and hasattr(layers[name], "n_probes"):
                 layers[name].n_probes = int(n)
+        if self.captured is not None:  # other probe counts: other sketch shapes, another graph
+            self.captured.reset()
 
     def _allocation(self) -> dict[str, int]:
         if self.allocator is None:
@@ -539,6 +546,8 @@ class Trainer:
         rank, at the same steps); under DDP every rank then takes rank 0's choice."""
         allocation = self.allocator.maybe_reallocate(self.progress.global_step, _to_device(batch, self.device))
         if allocation is not None:
+            if self.captured is not None:  # other probe counts: other sketch shapes, another graph
+                self.captured.reset()
             if self.dist.enabled:
                 allocation = self.allocator.allocation = broadcast_object(self.dist, allocation)
                 self._apply_allocation(allocation)
@@ -549,6 +558,10 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return deep_supervision_loss(self.loss_fn, logits, label)
+
+    def _scaled_batch_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the step's loss (what ``trainer.compile=cuda-graphs`` captures)."""
+        return self._batch_loss(self.model, (image, label)) / int(self.cfg.trainer.grad_accum)
 
     def _next_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         try:
@@ -735,6 +748,9 @@ class Trainer:
             image, label = _to_device(batch, self.device)
             ddp = uncompiled(model)
             sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and i < accum - 1 else nullcontext()
+            if self.captured is not None:  # one process, no scaler (check_capturable)
+                total += self.captured(image, label).float()
+                continue
             if uses_cuda_graphs(self.compile_mode):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are done with
             with sync:
