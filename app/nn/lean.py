@@ -64,8 +64,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     # eager reinterprets the bools in place; traced code converts (a bool-to-byte view does not trace everywhere)
     bits = (flat.to(torch.uint8) if torch.compiler.is_compiling() else flat.view(torch.uint8)).view(-1, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    return (bits * weights).sum(1, dtype=torch.uint8)  # distinct powers of two: no overflow
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)  # made on the device: capturable
+    return (bits << shifts).sum(1, dtype=torch.uint8)  # distinct powers of two: no overflow
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -355,13 +355,15 @@ class _LeanNorm(torch.autograd.Function):
         dy = grad_y.reshape(batch, channels, -1)  # a view when grad_y is contiguous
         xh = x_hat.view(batch, channels, -1)
         chunks = _row_chunks(channels, batch * xh.shape[2])
-        # pass 1: per-channel Σ dy and Σ dy · x̂, in fp32, chunk by chunk
+        # pass 1: per-channel Σ dy and Σ dy · x̂, in fp32, chunk by chunk (elementwise product and
+        # sum: a batched matmul of 1 x N by N x 1 runs far below the memory bandwidth)
         sum_dy = torch.empty((batch, channels), dtype=compute, device=grad_y.device)
         sum_dy_xhat = torch.empty_like(sum_dy)
         for c0, c1 in chunks:
-            d, h = dy[:, c0:c1].to(compute), xh[:, c0:c1].to(compute)
-            sum_dy[:, c0:c1] = d.sum(2)
-            sum_dy_xhat[:, c0:c1] = torch.bmm(d.reshape(-1, 1, d.shape[2]), h.reshape(-1, h.shape[2], 1)).view(batch, -1)
+            d = dy[:, c0:c1]
+            torch.sum(d, 2, dtype=compute, out=sum_dy[:, c0:c1])
+            h = xh[:, c0:c1].to(compute, copy=True)  # never the saved tensor itself
+            torch.sum(h.mul_(d), 2, out=sum_dy_xhat[:, c0:c1])
             del d, h
         gamma = weight.to(compute) if ctx.has_weight else sum_dy.new_ones(channels)
         grad_w = sum_dy_xhat.sum(0).to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
