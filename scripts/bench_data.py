@@ -104,11 +104,8 @@ def _loader_row(datalist, pre, patch: int, cache: str, cache_dir: Path, args: ar
 
 
 def _endless(loader):
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    loader.batch_sampler.endless = True
+    return loader
 
 
 def _train_row(overrides: list[str], steps: int) -> dict[str, float]:

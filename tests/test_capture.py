@@ -366,5 +366,5 @@ def test_trainer_cuda_graphs_trains_like_eager(tmp_path: Path):
     assert math.isfinite(graphed["train/epoch_loss"])
     assert graphed["train/epoch_loss"] == pytest.approx(eager["train/epoch_loss"], rel=0.1)
     resumed = train(tiny_cfg(tmp_path / "graphed", root, *common, "trainer.compile=cuda-graphs", "trainer.max_epochs=3",
-                             "resume=auto"))
+                             "trainer.resume=auto"))
     assert resumed["epoch"] == 3

@@ -550,8 +550,8 @@ def test_build_loaders_distributed_single_process(synthetic: Path, tmp_path: Pat
     try:
         dl = load_datalist(synthetic)
         train, val = build_loaders(dl, Preprocessing(), 8, 3, batch_size=1, distributed=True, seed=3)
-        assert isinstance(train.sampler, DistributedSampler) and list(val.sampler) == list(range(len(dl.val)))
-        train.sampler.set_epoch(1)
+        assert isinstance(train.batch_sampler.sampler, DistributedSampler) and list(val.sampler) == list(range(len(dl.val)))
+        train.batch_sampler.set_epoch(1)
         assert len(list(train)) == len(dl.train) and len(list(val)) == len(dl.val)
     finally:
         dist.destroy_process_group()

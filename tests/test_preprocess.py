@@ -225,6 +225,38 @@ def test_seeded_sampler_shards_like_torch_and_seeds_by_position() -> None:
     assert list(whole) != items
 
 
+def _pass_batches(sampler: SeededSampler, epoch: int, size: int) -> list[list]:
+    sampler.set_epoch(epoch)
+    return list(torch.utils.data.BatchSampler(sampler, size, drop_last=False))
+
+
+@pytest.mark.parametrize("per_epoch", [None, 2, 7])
+def test_epoch_batches_stream_the_batches_of_restarted_loaders(per_epoch) -> None:
+    """An endless :class:`EpochBatches` yields, epoch after epoch, what restarting the sampler at every
+    pass gives: the epoch's pass (short last batch included), then RESTART_STRIDE-shifted passes
+    until ``per_epoch`` batches; one pass per epoch without ``per_epoch``."""
+    from app.data.patches import RESTART_STRIDE, EpochBatches
+
+    sampler = SeededSampler(5, seed=3)  # 5 items in batches of 2: 3 batches per pass
+    expected = []
+    for epoch in (4, 5, 6):
+        batches, restart = [], 0
+        while True:
+            batches += _pass_batches(sampler, epoch + RESTART_STRIDE * restart, 2)
+            restart += 1
+            if per_epoch is None or len(batches) >= per_epoch:
+                break
+        expected += batches[:per_epoch] if per_epoch else batches
+    stream = EpochBatches(SeededSampler(5, seed=3), 2, per_epoch=per_epoch, endless=True)
+    stream.set_epoch(4)
+    got = [b for b, _ in zip(stream, range(len(expected)))]
+    assert got == expected and len(stream) == 3
+    assert [len(b) for b in got[:3]] == ([2, 2, 2] if per_epoch == 2 else [2, 2, 1])  # 2: the next epoch's first
+    one = EpochBatches(SeededSampler(5, seed=3), 2, per_epoch=per_epoch)
+    one.set_epoch(5)
+    assert list(one) == expected[len(expected) // 3: 2 * len(expected) // 3]  # not endless: one epoch
+
+
 def test_device_augmentation_equals_worker_augmentation_on_the_cpu() -> None:
     aug = Augmentation(plane=(0, 1))
     image = torch.randn(3, 2, 8, 8, 6)
@@ -265,7 +297,7 @@ def test_batches_are_the_same_for_every_cache_mode_and_worker_count(dataset: Pat
         assert train.persistent_workers == (workers > 0)
         batches = []
         for epoch in (0, 1):
-            train.sampler.set_epoch(epoch)
+            train.batch_sampler.set_epoch(epoch)
             batches += list(train)
         runs[(cache, workers)] = (batches, next(iter(val)))
     (ref, ref_val) = runs[("disk", 0)]

@@ -30,6 +30,7 @@ from app.data.patches import (
     PatchDataset,
     RestorationPatchDataset,
     RestorationVolumeDataset,
+    EpochBatches,
     SeededSampler,
     VolumeDataset,
 )
@@ -251,8 +252,7 @@ def build_loaders(
         cache_dir: folder for ``"disk"``; None: :func:`default_cache_dir` of the data set.
         num_samples: patches cut from each drawn case.
         distributed: shard both loaders over the ``torch.distributed`` process group (initialised by
-            the caller): training through :class:`~app.data.patches.SeededSampler` (call
-            ``train_loader.sampler.set_epoch(epoch)`` every epoch), validation without padding
+            the caller): training through :class:`~app.data.patches.SeededSampler`, validation without padding
             duplicates: volume ``i`` on rank ``i % world_size``, so a rank may have none when there
             are fewer volumes than ranks (reduce metrics across ranks).
         seed: seeds the shuffling, the patch positions and the augmentation.
@@ -328,8 +328,7 @@ def build_loaders(
     extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers else {}
     train_loader = DataLoader(
         train_ds,
-        batch_size=batch_size,
-        sampler=train_sampler,
+        batch_sampler=EpochBatches(train_sampler, batch_size),
         num_workers=workers,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(seed),

@@ -10,12 +10,12 @@ same batches, and a resumed run redraws exactly the batches of the run it contin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from app.data.degrade import Degradation
 from app.data.preprocess import PreparedCases, PreprocessedCase
@@ -25,6 +25,7 @@ __all__ = [
     "PatchDataset",
     "RestorationPatchDataset",
     "RestorationVolumeDataset",
+    "EpochBatches",
     "SeededSampler",
     "VolumeDataset",
     "crop_patch",
@@ -58,6 +59,76 @@ class SeededSampler(DistributedSampler):
         seeds = np.random.SeedSequence([int(self.seed), int(self.epoch)]).generate_state(self.total_size, dtype=np.uint64)
         mine = seeds[self.rank : self.total_size : self.num_replicas]
         return iter([(int(i), int(s)) for i, s in zip(indices, mine)])
+
+
+RESTART_STRIDE = 100_003
+"""An epoch that needs more batches than one pass of the cases holds goes on with the passes of
+sampler epochs ``epoch + RESTART_STRIDE``, ``epoch + 2 · RESTART_STRIDE``, ... (never another epoch's)."""
+
+
+class EpochBatches(Sampler[list]):
+    """Batch sampler of a training loader: the batches of an epoch, or of epoch after epoch.
+
+    Epoch ``e`` yields :attr:`per_epoch` batches: those of ``sampler``'s pass for epoch ``e`` (as
+    torch's ``BatchSampler``, the pass's last batch may be short), then, when one pass holds fewer,
+    those of its passes for :data:`RESTART_STRIDE`-shifted epochs. ``per_epoch=None`` makes an
+    epoch one pass. An iterator begins with the epoch of :meth:`set_epoch`; with
+    :attr:`endless`, epoch ``e + 1`` follows epoch ``e`` without end, so one ``DataLoader``
+    iterator streams a whole run and its workers keep loading ahead across the ends of passes and
+    epochs (and through validation) instead of starting again with an empty queue. The batches
+    are those of a loader restarted at every pass.
+
+    Args:
+        sampler: the epoch's ``(index, seed)`` items (:class:`SeededSampler`).
+        batch_size: items per batch.
+        per_epoch: batches per epoch (the trainer's steps times gradient accumulation), or None.
+        endless: iterate epoch after epoch (the trainer's stream) instead of one epoch.
+    """
+
+    def __init__(self, sampler: SeededSampler, batch_size: int, per_epoch: int | None = None,
+                 endless: bool = False) -> None:
+        self.sampler, self.batch_size, self.per_epoch, self.endless = sampler, int(batch_size), per_epoch, endless
+        self.first_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iterator begins with epoch ``epoch``."""
+        self.first_epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Batches of one pass over the cases."""
+        return -(-len(self.sampler) // self.batch_size)
+
+    def _pass(self, sampler_epoch: int) -> Iterator[list]:
+        self.sampler.set_epoch(sampler_epoch)
+        batch: list = []
+        for item in self.sampler:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def epoch(self, epoch: int) -> Iterator[list]:
+        """The batches of ``epoch``."""
+        produced, restart = 0, 0
+        while True:
+            for batch in self._pass(epoch + RESTART_STRIDE * restart):
+                yield batch
+                produced += 1
+                if produced == self.per_epoch:
+                    return
+            if self.per_epoch is None or produced == 0:
+                return
+            restart += 1
+
+    def __iter__(self) -> Iterator[list]:
+        epoch = self.first_epoch
+        while True:
+            yield from self.epoch(epoch)
+            if not self.endless:
+                return
+            epoch += 1
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from app.data import (
     scan_cases,
     shutdown_workers,
 )
+from app.data.patches import EpochBatches
 from app.data.video import is_clip, open_clip
 from app.models import (
     build_model,
@@ -442,6 +443,11 @@ class Trainer:
             self.total_steps = self.max_epochs * self.steps_per_epoch
         if self.total_steps < 1:
             raise ValueError("trainer.max_epochs (or trainer.max_steps) must be >= 1")
+        # one loader iterator streams the run, epoch after epoch (app.data.patches.EpochBatches)
+        self.batch_stream: EpochBatches = self.train_loader.batch_sampler
+        self.batch_stream.per_epoch, self.batch_stream.endless = self.steps_per_epoch * accum, True
+        self._stream: Iterator[dict[str, torch.Tensor]] | None = None
+        self._stream_at: tuple[int, int] = (-1, 0)  # (epoch, batches of it taken) of the next batch
 
     def setup_optim(self) -> None:
         o = self.cfg.optim
@@ -520,19 +526,22 @@ class Trainer:
     # ----------------------------------------------------------------------------- loop
 
     def _batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The training batches of one epoch; the loader restarts if the epoch needs more."""
-        restart = 0
+        """The training batches of ``epoch``, from the run's loader iterator when it stands at the
+        start of ``epoch`` (the previous epoch ran to its end), else from a new one begun there."""
+        if self._stream is None or self._stream_at != (epoch, 0):
+            self.batch_stream.set_epoch(epoch)
+            self._stream = iter(self.train_loader)
+            self._stream_at = (epoch, 0)
         augment = self.device_augmentation
+        per_epoch = self.batch_stream.per_epoch
         while True:
-            for batch in self.train_loader:
-                if augment is not None:  # data.augment_on=device: augmented where the step runs
-                    image, label = augment.batch(*_to_device(batch, self.device), batch["seed"])
-                    batch = {"image": image, "label": label, "seed": batch["seed"]}
-                yield batch
-            restart += 1
-            sampler = getattr(self.train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch + 100_003 * restart)
+            batch = next(self._stream)
+            taken = self._stream_at[1] + 1
+            self._stream_at = (epoch + 1, 0) if taken == per_epoch else (epoch, taken)
+            if augment is not None:  # data.augment_on=device: augmented where the step runs
+                image, label = augment.batch(*_to_device(batch, self.device), batch["seed"])
+                batch = {"image": image, "label": label, "seed": batch["seed"]}
+            yield batch
 
     def _batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``loss_fn(model, (image, label))`` as app.nn's fidelity tools call it (device tensors)."""

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import app.nn
+from app.data.patches import EpochBatches
 from app.nn.probes import seed_state, set_seed_state
 
 __all__ = ["derive_seed", "seed_everything", "seed_epoch", "rng_state", "set_rng_state", "rank_rng", "restore_rank_rng"]
@@ -66,8 +67,10 @@ def seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
     np.random.seed(s)
     random.seed(s)
     app.nn.manual_seed(s)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+    for sampler in (loader.batch_sampler, loader.sampler):
+        if isinstance(sampler, (EpochBatches, DistributedSampler)):
+            sampler.set_epoch(epoch)
+            break
     if loader.generator is not None:
         loader.generator.manual_seed(s)
     # With worker processes MONAI reseeds the transforms per worker from the loader's
