@@ -319,16 +319,16 @@ class _LeanNorm(torch.autograd.Function):
             else:
                 v, m = torch.var_mean(part, dim=(0, 2), unbiased=False, keepdim=True)
                 mean[r0:r1], var[r0:r1] = m.view(-1), v.view(-1)
-            part.sub_(m).mul_(torch.rsqrt(v + eps))
+            rstd = torch.rsqrt(v + eps)
+            torch.addcmul(-m * rstd, part, rstd, out=part)  # x̂ = (x − mean) · σ⁻¹ in one pass
             kv[:, r0:r1] = part
             c0, c1 = r0 * per_row, r1 * per_row
-            if weight is not None or bias is not None:
-                affine = part.view(batch, c1 - c0, -1)
-                if weight is not None:
-                    affine.mul_(weight[c0:c1].to(compute).view(1, -1, 1))
-                if bias is not None:
-                    affine.add_(bias[c0:c1].to(compute).view(1, -1, 1))
-            ov[:, r0:r1] = part
+            if weight is None and bias is None:
+                ov[:, r0:r1] = part
+            else:  # y = x̂ · γ + β, written in the output's dtype in one pass
+                gamma = part.new_ones(()) if weight is None else weight[c0:c1].to(compute).view(1, -1, 1)
+                beta = part.new_zeros(()) if bias is None else bias[c0:c1].to(compute).view(1, -1, 1)
+                torch.addcmul(beta, part.view(batch, c1 - c0, -1), gamma, out=ov[:, r0:r1].view(batch, c1 - c0, -1))
             del part
         invstd = torch.rsqrt(var + eps)
         if mode == "group":
@@ -390,8 +390,9 @@ class _LeanNorm(torch.autograd.Function):
             grad_x = torch.empty((batch, channels, xh.shape[2]), dtype=grad_y.dtype, device=grad_y.device)
             for c0, c1 in chunks:
                 part = xh[:, c0:c1].to(compute, copy=True)  # never the saved tensor itself
-                part.mul_(scale_x[:, c0:c1, None]).addcmul_(dy[:, c0:c1], scale_dy[:, c0:c1, None]).add_(shift[:, c0:c1, None])
-                grad_x[:, c0:c1] = part
+                torch.addcmul(shift[:, c0:c1, None], part, scale_x[:, c0:c1, None], out=part)
+                # + γσ⁻¹ dy, written in the incoming gradient's dtype in the same pass
+                torch.addcmul(part, dy[:, c0:c1], scale_dy[:, c0:c1, None], out=grad_x[:, c0:c1])
                 del part
             grad_x = grad_x.view(grad_y.shape)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

@@ -147,10 +147,17 @@ def _blocks(channels: int, per_channel: int, budget: int) -> Iterator[tuple[int,
 
 
 def _rfft(t: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``rfftn(t, grid)`` over the spatial dimensions, in fp32, flattened to ``(B, C, F)``."""
-    if t.dtype != torch.float32:
-        t = t.float()
-    return torch.fft.rfftn(t, s=tuple(grid), dim=tuple(range(2, t.dim()))).flatten(2)
+    """``rfftn(t, grid)`` over the spatial dimensions, in fp32, flattened to ``(B, C, F)``.
+
+    A ``t`` smaller than ``grid`` is cast and zero-padded in one copy (into a zeroed fp32 tensor of
+    the grid's size) rather than cast, then padded by ``rfftn``."""
+    spatial, grid = tuple(t.shape[2:]), tuple(grid)
+    dims = tuple(range(2, t.dim()))
+    if spatial != grid and all(n <= g for n, g in zip(spatial, grid)):
+        padded = torch.zeros((*t.shape[:2], *grid), dtype=torch.float32, device=t.device)
+        padded[(Ellipsis, *[slice(0, n) for n in spatial])] = t
+        return torch.fft.rfftn(padded, dim=dims).flatten(2)
+    return torch.fft.rfftn(t.float(), s=grid, dim=dims).flatten(2)
 
 
 def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: int) -> torch.Tensor:
