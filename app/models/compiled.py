@@ -162,7 +162,8 @@ class CapturedBackward:
         torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's pool fits where eager did
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self.loss_of(*self.static_inputs)
                 loss.backward()
                 self.static_loss = loss.detach()
