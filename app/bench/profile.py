@@ -302,15 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         passes = ["converted fwd", "converted bwd", "plain fwd", "plain bwd"]
         lines += ["", markdown_table(["layer", "kind", "input", *_header(cuda, passes)], layer_rows(rows, cuda))]
-    text = "\n".join(lines) + "\n"
+    return _report("\n".join(lines) + "\n", args, "layers", [asdict(r) for r in rows])
+
+
+def _report(text: str, args: argparse.Namespace, key: str, data: list[dict[str, Any]]) -> int:
+    """Prints ``text``; with ``--out`` writes it to profile.md and ``data`` under ``key`` to profile.json."""
     print(text)
     if args.out:
         out = Path(args.out)
         with atomic_path(out / "profile.md") as tmp:
             tmp.write_text(text)
         with atomic_path(out / "profile.json") as tmp:
-            tmp.write_text(json.dumps({"environment": environment(), "args": vars(args),
-                                       "layers": [asdict(r) for r in rows]}, indent=1))
+            tmp.write_text(json.dumps({"environment": environment(), "args": vars(args), key: data}, indent=1))
     return 0
 
 
@@ -330,12 +333,4 @@ def _main_steps(args: argparse.Namespace, cfg: dict[str, Any], device: torch.dev
             torch.cuda.empty_cache()
     text = (f"## Training-step profile: {args.model} at {args.edge}^3, batch {args.batch_size}\n\n{environment()}\n\n"
             + step_tables(profiles, device.type == "cuda", args.top) + "\n")
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        with atomic_path(out / "profile.md") as tmp:
-            tmp.write_text(text)
-        with atomic_path(out / "profile.json") as tmp:
-            tmp.write_text(json.dumps({"environment": environment(), "args": vars(args),
-                                       "steps": [asdict(p) for p in profiles]}, indent=1))
-    return 0
+    return _report(text, args, "steps", [asdict(p) for p in profiles])
