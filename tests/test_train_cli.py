@@ -202,3 +202,19 @@ def test_configs_are_found_from_an_installed_wheel(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stderr[-3000:]
     assert "name: unet" in job.stdout
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"val/mean_dice": 0.4, "val/best_mean_dice": 0.7}, 0.7),
+    ({"val/psnr": 30.0, "val/best_psnr": 31.5, "val/ssim": 0.9}, 31.5),
+    ({"train/epoch_loss": 0.3}, None),
+])
+def test_sweepers_get_the_tasks_best_validation_score(metrics, expected):
+    """What ``python -m app.train`` returns to a Hydra sweeper: the best Dice for segmentation, the
+    best PSNR for restoration, NaN without validation."""
+    import math
+
+    from app.train.__main__ import sweep_score
+
+    score = sweep_score(metrics)
+    assert math.isnan(score) if expected is None else score == expected

@@ -19,7 +19,7 @@ from app.models import CheckpointError
 from app.train.config import CONFIG_NAME, config_dir
 from app.train.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingError, train
 
-__all__ = ["main"]
+__all__ = ["main", "sweep_score"]
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
@@ -31,8 +31,14 @@ def _hydra_main(cfg: DictConfig) -> float:
     except Preempted as stop:
         print(f"stochprop-train: {stop}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    # a number for Hydra sweepers (--multirun with an optimizer plugin)
-    return metrics.get("val/best_mean_dice", float("nan"))
+    return sweep_score(metrics)
+
+
+def sweep_score(metrics: dict[str, float]) -> float:
+    """The number Hydra sweepers optimise (``--multirun`` with an optimizer plugin): the run's best
+    validation score, whichever the task's is (``val/best_mean_dice``, ``val/best_psnr``); NaN
+    when no validation ran."""
+    return next((float(v) for k, v in metrics.items() if k.startswith("val/best_")), float("nan"))
 
 
 def main() -> None:
