@@ -349,3 +349,18 @@ def test_mean_dice_skips_absent_classes_and_overlay_shape():
     rgb = overlay(image, label, pred)
     assert rgb.shape == (18, 60, 3) and rgb.dtype == np.uint8
     assert (rgb[:, 20:40] != rgb[:, :20]).any()  # the label panel is coloured
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_half_precision_on_the_cpu_warns_to_turn_it_off(tmp_path, synthetic_root, caplog, amp):
+    """Half-precision 3D convolutions run torch's slow reference kernels on the CPU: the trainer says
+    so and names the setting, for bf16 and fp16 alike."""
+    import logging
+
+    from app.train.distributed import DistInfo
+
+    cfg = tiny_cfg(tmp_path / "run", synthetic_root, f"trainer.amp={amp}")
+    with caplog.at_level(logging.WARNING, logger="app.train.loop"):
+        Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert any(f"trainer.amp={amp} on the CPU" in r.getMessage() and "trainer.amp=off" in r.getMessage()
+               for r in caplog.records)

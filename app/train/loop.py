@@ -237,8 +237,9 @@ class Trainer:
         self.dist = dist_info
         self.device = dist_info.device
         self.amp_dtype = amp_dtype(cfg.trainer.amp, "trainer.amp")
-        if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
-            log.warning("trainer.amp=fp16 on the CPU is slow and rarely useful; bf16 is the CPU's half type")
+        if self.amp_dtype is not None and self.device.type == "cpu":
+            log.warning("trainer.amp=%s on the CPU: torch runs half-precision 3D convolutions through its slow "
+                        "reference kernels, far slower than fp32; use trainer.amp=off on the CPU", cfg.trainer.amp)
         self.output_dir = Path(broadcast_object(dist_info, str(cfg.output_dir)))  # rank 0's: it alone writes there
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.store = CheckpointStore(self.ckpt_dir)
