@@ -280,6 +280,18 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
     opt.load_state_dict(ckpt["optimizer"])
 
 
+def test_checkpoint_takes_numpy_numbers_in_the_model_config(tmp_path: Path) -> None:
+    """A model config holding numpy numbers (a spacing read from a NIfTI header) is saved as Python
+    numbers: the checkpoint loads with ``weights_only`` and equals the plain config."""
+    net = build_model(CKPT_CFG)
+    numpy_cfg = {**CKPT_CFG, "spacing": [np.float64(s) for s in CKPT_CFG["spacing"]], "in_channels": np.int64(1)}
+    save_checkpoint(tmp_path / "np.pt", model_state=net.state_dict(), model_config=numpy_cfg, preprocessing=PRE,
+                    class_names=["background", "tumour"])
+    ckpt = load_checkpoint(tmp_path / "np.pt")
+    assert ckpt["model_config"] == resolve_model_config(CKPT_CFG)
+    assert all(type(s) is float for s in ckpt["model_config"]["spacing"])
+
+
 def test_model_from_checkpoint_strips_wrapper_prefix(tmp_path: Path) -> None:
     net = _save_tiny(tmp_path / "a.pt")
     for prefix in ("module.", "_orig_mod.", "module._orig_mod."):  # DDP, torch.compile, both

@@ -58,6 +58,18 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be written or read; the message names the file."""
 
 
+def _python_scalars(value: Any) -> Any:
+    """``value`` with numpy scalars as Python scalars (``weights_only`` loading refuses numpy
+    objects), containers kept as they are (a config's tuples stay tuples)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _python_scalars(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_scalars(v) for v in value)
+    return value
+
+
 def _to_plain(value: Any, where: str) -> Any:
     """Return ``value`` as checkpoint-safe plain data, or raise naming the offending key.
 
@@ -153,7 +165,7 @@ def save_checkpoint(
         CheckpointError: the file cannot be written.
     """
     path = Path(path)
-    config = resolve_model_config(model_config)
+    config = resolve_model_config(_python_scalars(dict(model_config)))
     names = [str(n) for n in class_names]
     if len(names) != config["out_channels"]:
         raise ValueError(
