@@ -3,7 +3,6 @@ tables), and the whole script over 1 and 2 gloo processes under torchrun (slow).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.data import make_synthetic_dataset
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_ddp.py"
@@ -30,10 +30,7 @@ def _overrides(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ddp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ddp")
 
 
 def test_one_process_measures_trains_and_tabulates(tmp_path, bench, monkeypatch, one_thread):

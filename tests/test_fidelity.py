@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +20,7 @@ from app.nn.fidelity import (
     gradient_fidelity,
     split_sketch_config,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import load_script
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
@@ -216,10 +213,7 @@ def test_bench_cli_prints_a_table_and_writes_a_png(tmp_path, capsys):
 
 
 def _quality_study():
-    spec = importlib.util.spec_from_file_location("quality_study", REPO / "scripts" / "quality_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quality_study")
 
 
 def test_quality_study_config_names():

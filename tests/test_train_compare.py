@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from app.data import make_synthetic_dataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_compare.py"
+from tests.helpers import load_script
 
 
 def test_compare_reports_exact_and_stochastic(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("train_compare")
     root = make_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1, shape=(24, 24, 24))
     overrides = [f"data.generate.root={root}", "data.generate.n_train=2", "data.generate.n_val=1",
                  "data.generate.shape=[24,24,24]", "trainer.patch_size=[16,16,16]", "trainer.max_epochs=2",
