@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
 from app.data.degrade import Degradation
 from app.data.preprocess import PreparedCases, PreprocessedCase
@@ -100,14 +100,7 @@ class EpochBatches(Sampler[list]):
 
     def _pass(self, sampler_epoch: int) -> Iterator[list]:
         self.sampler.set_epoch(sampler_epoch)
-        batch: list = []
-        for item in self.sampler:
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return iter(BatchSampler(self.sampler, self.batch_size, drop_last=False))
 
     def epoch(self, epoch: int) -> Iterator[list]:
         """The batches of ``epoch``."""

@@ -125,10 +125,9 @@ class CapturedBackward:
             self._capture(image, label)
         elif not all(_same_layout(s, t) for s, t in zip(self.static_inputs, (image, label))):
             return self._eager_on_side_stream(image, label)
-        held = [p.grad for p in self.parameters]
-        for p, g, static in zip(self.parameters, held, self.static_grads):
-            if g is not None and g is static:  # an earlier replay's gradient, still being accumulated into
-                p.grad = g.clone()
+        for p, static in zip(self.parameters, self.static_grads):
+            if p.grad is not None and p.grad is static:  # an earlier replay's gradient, still being accumulated into
+                p.grad = p.grad.clone()
         self.static_inputs[0].copy_(image, non_blocking=True)
         self.static_inputs[1].copy_(label, non_blocking=True)
         self.graph.replay()

@@ -516,8 +516,6 @@ class Trainer:
         for name, n in allocation.items():
             if name in layers and hasattr(layers[name], "n_probes"):
                 layers[name].n_probes = int(n)
-        if self.captured is not None:  # other probe counts: other sketch shapes, another graph
-            self.captured.reset()
 
     def _allocation(self) -> dict[str, int]:
         if self.allocator is None:
@@ -756,11 +754,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             image, label = _to_device(batch, self.device)
-            ddp = uncompiled(model)
-            sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and i < accum - 1 else nullcontext()
             if self.captured is not None:  # one process, no scaler (check_capturable)
                 total += self.captured(image, label).float()
                 continue
+            ddp = uncompiled(model)
+            sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and i < accum - 1 else nullcontext()
             if uses_cuda_graphs(self.compile_mode):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are done with
             with sync:
