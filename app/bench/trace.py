@@ -3,9 +3,10 @@
 One training step (:class:`app.measure.TrainingStep`: forward, DiceCE, backward, AdamW) per variant
 runs under ``torch.profiler`` with memory profiling. Its memory timeline (torch's own categories:
 parameters, optimizer state, inputs, activations saved for backward, gradients, autograd detail,
-temporaries) is replayed to the step's peak; there the live bytes are split by category and
-attributed to the module (forward) or autograd node (backward) and the operator that allocated
-them. A stacked plot shows allocated memory by category over the step.
+temporaries) is replayed to the step's peak; there the live bytes are split by category (plus
+library workspaces, which torch leaves uncategorised) and attributed to the module (forward) or
+autograd node (backward) and the operator that allocated them; the table names where in the step
+the peak is reached. A stacked plot shows allocated memory by category over the step.
 
 Outputs: markdown on stdout and, with ``--out``, ``trace.md``, ``trace.json`` and ``trace.png``.
 
@@ -32,10 +33,18 @@ from app.bench.networks import add_model_arguments, bench_model_config
 from app.measure import GIB, MIB, TrainingStep, environment, markdown_table, parse_variant
 from app.utils import atomic_path, resolve_device
 
-__all__ = ["CATEGORIES", "StepTrace", "main", "report", "trace_step", "write_plot"]
+__all__ = ["CATEGORIES", "PEAK_CATEGORIES", "StepTrace", "main", "report", "trace_step", "write_plot"]
 
 CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail", "unknown")
 """torch.profiler's memory categories, in the order of its timeline (``unknown``: not categorised)."""
+
+WORKSPACE = "workspace"
+"""Bytes allocated during the step outside every tensor operator the profiler records: library
+workspaces (cuDNN's convolution workspace, cuFFT's work area, the CPU's im2col buffers). torch's
+timeline counts them as ``unknown``; the split at the peak names them."""
+
+PEAK_CATEGORIES = (*CATEGORIES, WORKSPACE)
+"""The categories of the bytes alive at the peak (:attr:`StepTrace.at_peak`)."""
 
 
 @dataclass
@@ -44,7 +53,10 @@ class StepTrace:
 
     Attributes:
         peak_bytes: most bytes alive at once during the step (allocations the profiler saw).
-        at_peak: bytes alive at the peak, per category.
+        at_peak: bytes alive at the peak, per category (:data:`PEAK_CATEGORIES`).
+        peak_during: ``(scope, operator)`` of the allocation that reached the peak: where in the
+            step the peak happens (:data:`WORKSPACE` as the operator for a library workspace, whose
+            scope is that of the allocation just before it).
         sources: bytes alive at the peak per ``(category, scope, operator)``, largest first;
             ``scope`` is the innermost module for the forward pass (``Conv3d_4``: the profiler's
             name, class and call index), the autograd node for the backward pass, ``optimizer``
@@ -55,6 +67,7 @@ class StepTrace:
     peak_bytes: int
     at_peak: dict[str, int]
     sources: list[tuple[str, str, str, int]]
+    peak_during: tuple[str, str] = ("-", "-")
     times_us: list[float] = field(default_factory=list)
     by_category: list[list[int]] = field(default_factory=list)
 
@@ -127,17 +140,37 @@ def trace_step(step: TrainingStep, device: torch.device, top: int = 15) -> StepT
     peak, peak_at, _ = replay(None)
     _, _, live = replay(peak_at)
     sources = _allocation_sources(memory_profile)
-    at_peak: dict[str, int] = {c: 0 for c in CATEGORIES}
+
+    # a block made during the step by no recorded operator is a workspace; its scope is that of the
+    # allocation with a scope just before it (the operator that asked the library for it runs
+    # there). The profiler may give every such block one key: the last creation before the peak
+    # is the one alive at the peak.
+    workspace_scope: dict[Any, str] = {}
+    last_scope = "-"
+    for _, action, (key, _v), _n in events[:peak_at]:
+        if key in sources:
+            last_scope = sources[key][0] if sources[key][0] != "-" else last_scope
+        elif action == Action.CREATE:
+            workspace_scope[key] = last_scope
+
+    def source(key: Any) -> tuple[str, str]:
+        """``(scope, operator)`` of the allocation that made ``key`` (``("-", "-")``: before the step)."""
+        if key in sources:
+            return sources[key]
+        return (workspace_scope[key], WORKSPACE) if key in workspace_scope else ("-", "-")
+
+    at_peak: dict[str, int] = {c: 0 for c in PEAK_CATEGORIES}
     grouped: dict[tuple[str, str, str], int] = defaultdict(int)
     for key, (nbytes, version) in live.items():
-        category = _category_name(memory_profile._categories.get(key, version))
+        scope, op = source(key)
+        category = WORKSPACE if op == WORKSPACE else _category_name(memory_profile._categories.get(key, version))
         at_peak[category] += nbytes
-        scope, op = sources.get(key, ("-", "-"))
         grouped[(category, scope, op)] += nbytes
     ranked = sorted(grouped.items(), key=lambda kv: -kv[1])[:top]
     times, sizes = timeline._coalesce_timeline(str(device))
     return StepTrace(
         peak_bytes=peak, at_peak=at_peak, sources=[(*k, v) for k, v in ranked],
+        peak_during=source(events[peak_at - 1][2][0]) if peak_at else ("-", "-"),
         times_us=[float(t) for t in times], by_category=[list(s[1:]) for s in sizes],
     )
 
@@ -169,9 +202,10 @@ def write_plot(traces: dict[str, StepTrace], path: Path, title: str) -> None:
 
 def report(traces: dict[str, StepTrace], header: str) -> str:
     unit, label = (GIB, "GiB") if max((t.peak_bytes for t in traces.values()), default=0) > GIB else (MIB, "MiB")
-    rows = [[name, t.peak_bytes / unit, *[t.at_peak[c] / unit for c in CATEGORIES]] for name, t in traces.items()]
+    rows = [[name, t.peak_bytes / unit, *[t.at_peak[c] / unit for c in PEAK_CATEGORIES], " / ".join(t.peak_during)]
+            for name, t in traces.items()]
     lines = [header, "", environment(), "",
-             markdown_table(["variant", f"peak {label}", *[f"{c} {label}" for c in CATEGORIES]], rows)]
+             markdown_table(["variant", f"peak {label}", *[f"{c} {label}" for c in PEAK_CATEGORIES], "peak reached in"], rows)]
     for name, t in traces.items():
         lines += ["", f"### {name}: the largest sources alive at the peak", "",
                   markdown_table(["category", "scope", "operator", label],
@@ -221,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(text)
         with atomic_path(out / "trace.json") as tmp:
             tmp.write_text(json.dumps({"environment": environment(), "args": vars(args), "traces": {
-                name: {"peak_bytes": t.peak_bytes, "at_peak": t.at_peak, "sources": t.sources} for name, t in traces.items()
+                name: {"peak_bytes": t.peak_bytes, "at_peak": t.at_peak, "peak_during": t.peak_during, "sources": t.sources}
+                for name, t in traces.items()
             }}, indent=1))
         with atomic_path(out / "trace.png", suffix=".png") as tmp:
             write_plot(traces, tmp, f"{args.model} {args.edge}^3 — {environment()}")
