@@ -1,4 +1,4 @@
-"""Training-step time of variants, eager, captured and ``torch.compile``d: the stochastic step against plain bf16 and exact fp32 under the same mode.
+"""Training-step time of variants, eager, captured and ``torch.compile``d, side by side under each mode.
 
 Each row: one ``app.measure.TrainingStep`` (forward under the variant's autocast, DiceCE, backward,
 AdamW) of the benchmark network at one patch size, run as ``--modes`` say, as ``trainer.compile``
