@@ -113,21 +113,61 @@ def _shape_carrier(grad_out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
     return grad_out.new_empty(1).expand(tuple(shape))
 
 
-def _input_grad(x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+INPUT_GRAD_BLOCK = 1 << 27
+"""Largest input gradient, in elements, that one cuDNN call computes (:func:`_input_grad_block`):
+cuDNN's bf16 backward-data kernels take a workspace of the gradient's size in fp32, which at a
+256³ full-resolution layer (2 GiB) set the training step's peak."""
+
+MIN_BLOCK_CHANNELS = 8
+"""Fewest input channels per blocked input-gradient call (tensor-core tiles stay full)."""
+
+
+def _input_grad_block(x_shape: Sequence[int], device: torch.device) -> Optional[int]:
+    """Input channels per call of :func:`_input_grad` on ``device``: None (one call) unless a CUDA
+    gradient holds more than :data:`INPUT_GRAD_BLOCK` elements; then blocks of at most that many
+    elements and at least :data:`MIN_BLOCK_CHANNELS` channels."""
+    numel = math.prod(x_shape)
+    if device.type != "cuda" or numel <= INPUT_GRAD_BLOCK:
+        return None
+    per_channel = numel // x_shape[1]
+    return max(MIN_BLOCK_CHANNELS, INPUT_GRAD_BLOCK // per_channel)
+
+
+def _input_grad(
+    x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry, block: Optional[int] = None
+) -> torch.Tensor:
     """Exact gradient with respect to the convolution's input, from ``dY``, ``W`` and the input's shape.
 
     ATen's own (``aten.convolution_backward`` with the output mask ``(True, False, False)``): torch
     picks its backend from the input's shape as in the backward of ``torch.nn.functional.conv3d``
-    (or ``conv_transpose3d``), so the result is bit-identical to torch's.
+    (or ``conv_transpose3d``), so the result is torch's. With ``block`` (an ungrouped convolution
+    only), the gradient is computed for at most ``block`` input channels at a time, each with its
+    slice of the weight, into one output: the library's workspace for one call (cuDNN's for a bf16
+    layer can be twice the gradient's size) scales with the channels of the call.
 
     Args:
         x_shape: ``(B, C_in, *S_in)``.
         weight: the convolution's weight.
         grad_out: ``dY`` of shape ``(B, C_out, *S_out)``.
+        block: input channels per call (None: all at once).
 
     Returns:
         ``(B, C_in, *S_in)``.
     """
+    channels = x_shape[1]
+    if block is None or block >= channels or geom.groups != 1:
+        return _input_grad_call(x_shape, weight, grad_out, geom)
+    out = grad_out.new_empty(tuple(x_shape))
+    for c0 in range(0, channels, block):
+        c1 = min(channels, c0 + block)
+        # the weight's input channels: dim 1 of a regular (C_out, C_in, *K), dim 0 of a transposed (C_in, C_out, *K)
+        part = weight[c0:c1] if geom.transposed else weight[:, c0:c1]
+        out[:, c0:c1] = _input_grad_call((x_shape[0], c1 - c0, *x_shape[2:]), part, grad_out, geom)
+    return out
+
+
+def _input_grad_call(x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """:func:`_input_grad` in one ``aten.convolution_backward`` call."""
     return torch.ops.aten.convolution_backward(
         grad_out, _shape_carrier(grad_out, x_shape), weight, None, list(geom.stride), list(geom.padding), list(geom.dilation),
         geom.transposed, list(geom.output_padding) or [0] * geom.dims, geom.groups, [True, False, False],
@@ -250,7 +290,7 @@ class _StochasticConv(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_y.sum(dim=(0, *range(2, grad_y.dim())))
             if ctx.needs_input_grad[0]:
-                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom)
+                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom, _input_grad_block(ctx.x_shape, grad_y.device))
             if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
                 estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
                 grad_w = estimate(grad_y, *state, ctx.fft_sizes, geom, ctx.budget)
