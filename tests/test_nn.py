@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 import app.nn as snn
 from app.nn.fidelity import LayerFidelity
 from app.nn.functional import (
-    INPUT_GRAD_BLOCK, MIN_BLOCK_CHANNELS, ConvGeometry, _input_grad, _input_grad_block, _ntuple, _spectral_frequencies,
-    _StochasticConv,
+    CONV_BLOCK, MIN_BLOCK_CHANNELS, ConvGeometry, _channel_block, _conv, _input_grad, _ntuple, _output_shape,
+    _spectral_frequencies, _StochasticConv,
 )
 from app.nn.probes import generate_block, probe_blocks
 
@@ -693,37 +693,42 @@ def test_input_gradient_allocates_no_more_than_torchs():
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_input_gradient_in_channel_blocks_equals_one_call(transposed):
-    """dX computed for a few input channels at a time (each with its slice of the weight) is
-    torch's dX: regular and transposed (strided, output padding) convolutions, a last block that
-    is narrower than the others."""
+def test_output_and_input_gradient_in_channel_blocks_equal_one_call(transposed):
+    """Y computed for a few output channels at a time and dX for a few input channels at a time
+    (each with its slice of the weight and bias) are torch's: regular and transposed (strided,
+    output padding) convolutions, a last block narrower than the others; the output shape is
+    predicted from the geometry."""
     gen = torch.Generator().manual_seed(0)
     if transposed:
         x = torch.randn(2, 10, 5, 6, 7, generator=gen, requires_grad=True)
         w = torch.randn(10, 6, 3, 3, 3, generator=gen)  # (C_in, C_out, *K)
-        y = F.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+        b = torch.randn(6, generator=gen)
+        y = F.conv_transpose3d(x, w, b, stride=2, padding=1, output_padding=1)
         geom = ConvGeometry(stride=(2,) * 3, padding=(1,) * 3, dilation=(1,) * 3, groups=1, kernel=(3,) * 3,
                             transposed=True, output_padding=(1,) * 3)
     else:
         x = torch.randn(2, 10, 9, 8, 7, generator=gen, requires_grad=True)
         w = torch.randn(6, 10, 3, 3, 3, generator=gen)
-        y = F.conv3d(x, w, padding=1, dilation=(1, 2, 1))
+        b = torch.randn(6, generator=gen)
+        y = F.conv3d(x, w, b, padding=1, dilation=(1, 2, 1))
         geom = ConvGeometry(stride=(1,) * 3, padding=(1,) * 3, dilation=(1, 2, 1), groups=1, kernel=(3,) * 3)
     gy = torch.randn(y.shape, generator=gen)
     (gx_ref,) = torch.autograd.grad(y, x, gy)
+    assert _output_shape(x.shape, w, geom) == tuple(y.shape)
     for block in (1, 4, 9):
         torch.testing.assert_close(_input_grad(x.shape, w, gy, geom, block), gx_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_conv(x.detach(), w, b, geom, block), y.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_input_gradient_blocks_only_large_cuda_gradients():
-    """One call on the CPU and for CUDA gradients up to INPUT_GRAD_BLOCK elements; above it, blocks
+def test_convolutions_block_only_large_cuda_results():
+    """One call on the CPU and for CUDA results up to CONV_BLOCK elements; above it, blocks
     of at most that many elements, never fewer than MIN_BLOCK_CHANNELS channels."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     full_res = (1, 32, 256, 256, 256)  # 2^29 elements: 4 blocks of 8 channels
-    assert _input_grad_block(full_res, cpu) is None
-    assert _input_grad_block((1, 32, 128, 128, 128), cuda) is None  # 2^26 elements
-    assert _input_grad_block(full_res, cuda) == 8 and 8 * 256 ** 3 == INPUT_GRAD_BLOCK
-    assert _input_grad_block((1, 32, 512, 512, 512), cuda) == MIN_BLOCK_CHANNELS
+    assert _channel_block(full_res, cpu) is None
+    assert _channel_block((1, 32, 128, 128, 128), cuda) is None  # 2^26 elements
+    assert _channel_block(full_res, cuda) == 8 and 8 * 256 ** 3 == CONV_BLOCK
+    assert _channel_block((1, 32, 512, 512, 512), cuda) == MIN_BLOCK_CHANNELS
 
 
 def test_peak_memory_counts_transients():

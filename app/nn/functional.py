@@ -113,24 +113,36 @@ def _shape_carrier(grad_out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
     return grad_out.new_empty(1).expand(tuple(shape))
 
 
-INPUT_GRAD_BLOCK = 1 << 27
-"""Largest input gradient, in elements, that one cuDNN call computes (:func:`_input_grad_block`):
-cuDNN's bf16 backward-data kernels take a workspace of the gradient's size in fp32, which at a
-256³ full-resolution layer (2 GiB) set the training step's peak."""
+CONV_BLOCK = 1 << 27
+"""Largest convolution output or input gradient, in elements, that one cuDNN call computes
+(:func:`_channel_block`): cuDNN's bf16 forward and backward-data kernels take a workspace of their
+result's size in fp32, which at a 256³ full-resolution layer (2 GiB) set the training step's peak."""
 
 MIN_BLOCK_CHANNELS = 8
-"""Fewest input channels per blocked input-gradient call (tensor-core tiles stay full)."""
+"""Fewest channels per blocked convolution call (tensor-core tiles stay full)."""
 
 
-def _input_grad_block(x_shape: Sequence[int], device: torch.device) -> Optional[int]:
-    """Input channels per call of :func:`_input_grad` on ``device``: None (one call) unless a CUDA
-    gradient holds more than :data:`INPUT_GRAD_BLOCK` elements; then blocks of at most that many
-    elements and at least :data:`MIN_BLOCK_CHANNELS` channels."""
-    numel = math.prod(x_shape)
-    if device.type != "cuda" or numel <= INPUT_GRAD_BLOCK:
+def _channel_block(shape: Sequence[int], device: torch.device) -> Optional[int]:
+    """Channels per call for a convolution result of ``shape`` ``(B, C, *S)`` on ``device``: None
+    (one call) unless a CUDA result holds more than :data:`CONV_BLOCK` elements; then blocks of at
+    most that many elements and at least :data:`MIN_BLOCK_CHANNELS` channels."""
+    numel = math.prod(shape)
+    if device.type != "cuda" or numel <= CONV_BLOCK:
         return None
-    per_channel = numel // x_shape[1]
-    return max(MIN_BLOCK_CHANNELS, INPUT_GRAD_BLOCK // per_channel)
+    return max(MIN_BLOCK_CHANNELS, CONV_BLOCK // (numel // shape[1]))
+
+
+def _output_shape(x_shape: Sequence[int], weight: torch.Tensor, geom: ConvGeometry) -> tuple[int, ...]:
+    """``(B, C_out, *S_out)`` of the convolution of an input of ``x_shape``."""
+    spatial = []
+    for d, n in enumerate(x_shape[2:]):
+        s, p, dl, k = geom.stride[d], geom.padding[d], geom.dilation[d], geom.kernel[d]
+        if geom.transposed:
+            spatial.append((n - 1) * s - 2 * p + dl * (k - 1) + geom.output_padding[d] + 1)
+        else:
+            spatial.append((n + 2 * p - dl * (k - 1) - 1) // s + 1)
+    channels = weight.shape[1] * geom.groups if geom.transposed else weight.shape[0]
+    return (x_shape[0], channels, *spatial)
 
 
 def _input_grad(
@@ -174,7 +186,31 @@ def _input_grad_call(x_shape: Sequence[int], weight: torch.Tensor, grad_out: tor
     )[0]
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geom: ConvGeometry) -> torch.Tensor:
+def _conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geom: ConvGeometry, block: Optional[int] = None
+) -> torch.Tensor:
+    """The convolution's output ``(B, C_out, *S_out)``; with ``block`` (an ungrouped convolution
+    only), computed for at most ``block`` output channels at a time into one output, each with its
+    slice of the weight and bias (a library workspace scales with the channels of one call)."""
+    if block is None or geom.groups != 1:
+        return _conv_call(x, weight, bias, geom)
+    channels = weight.shape[1] if geom.transposed else weight.shape[0]
+    if block >= channels:
+        return _conv_call(x, weight, bias, geom)
+    out: Optional[torch.Tensor] = None
+    for c0 in range(0, channels, block):
+        c1 = min(channels, c0 + block)
+        # the weight's output channels: dim 0 of a regular (C_out, C_in, *K), dim 1 of a transposed (C_in, C_out, *K)
+        part = _conv_call(x, weight[:, c0:c1] if geom.transposed else weight[c0:c1], None if bias is None else bias[c0:c1], geom)
+        if out is None:
+            out = part.new_empty((part.shape[0], channels, *part.shape[2:]))
+        out[:, c0:c1] = part
+        del part
+    return out
+
+
+def _conv_call(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geom: ConvGeometry) -> torch.Tensor:
+    """:func:`_conv` in one ``aten.convolution`` call."""
     return torch.ops.aten.convolution(
         x, weight, bias, list(geom.stride), list(geom.padding), list(geom.dilation),
         geom.transposed, list(geom.output_padding) or [0] * geom.dims, geom.groups,
@@ -257,7 +293,7 @@ class _StochasticConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, geom: ConvGeometry, n_probes: int, probes: str, sketch: str, control: str, seed: int):
         with _autocast_off(x.device.type):
-            y = _conv(x, weight, bias, geom)
+            y = _conv(x, weight, bias, geom, _channel_block(_output_shape(x.shape, weight, geom), x.device))
             ctx.geom, ctx.n_probes, ctx.probes, ctx.sketch = geom, n_probes, probes, sketch
             ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
             ctx.budget = y.numel()
@@ -290,7 +326,7 @@ class _StochasticConv(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_y.sum(dim=(0, *range(2, grad_y.dim())))
             if ctx.needs_input_grad[0]:
-                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom, _input_grad_block(ctx.x_shape, grad_y.device))
+                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom, _channel_block(ctx.x_shape, grad_y.device))
             if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
                 estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
                 grad_w = estimate(grad_y, *state, ctx.fft_sizes, geom, ctx.budget)
