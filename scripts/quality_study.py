@@ -15,7 +15,8 @@ Tasks: ``synthetic`` (random shapes, ``app.data.make_synthetic_dataset``) and ``
 matter of nilearn's MNI152 template, ``app.data.make_mni_dataset``). Configurations: ``exact``,
 ``stochastic`` (the ``sketch`` defaults) and variants named like the fidelity benchmark's
 estimators: ``stochastic-r64``, ``stochastic-r16-offset``, ``stochastic-gaussian``,
-``stochastic-orthogonal``, ``stochastic-nocv`` (modifiers combine).
+``stochastic-orthogonal``, ``stochastic-nocv``, ``stochastic-fp8`` (lean norms keep x̂ in
+``float8_e4m3fn``; modifiers combine).
 
 Writes ``<out>/quality_study.md`` (environment, tables) and ``<out>/quality_study.json`` (every
 run's metrics); each run's folder is ``<out>/runs/<task>/<config>/seed<k>``. Run from the
@@ -57,7 +58,7 @@ TASKS = ("synthetic", "mni")
 SKETCH_MODIFIERS = {"offset": ("sketch", "offset"), "shifted": ("sketch", "shifted"), "spectral": ("sketch", "spectral"),
                     "gaussian": ("probes", "gaussian"),
                     "orthogonal": ("probes", "orthogonal"), "rademacher": ("probes", "rademacher"),
-                    "nocv": ("control", "none")}
+                    "nocv": ("control", "none"), "fp8": ("lean_storage", "float8_e4m3fn")}
 
 
 def config_overrides(name: str) -> list[str]:

@@ -720,15 +720,43 @@ def test_output_and_input_gradient_in_channel_blocks_equal_one_call(transposed):
         torch.testing.assert_close(_conv(x.detach(), w, b, geom, block), y.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_convolutions_block_only_large_cuda_results():
-    """One call on the CPU and for CUDA results up to CONV_BLOCK elements; above it, blocks
-    of at most that many elements, never fewer than MIN_BLOCK_CHANNELS channels."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    full_res = (1, 32, 256, 256, 256)  # 2^29 elements: 4 blocks of 8 channels
-    assert _channel_block(full_res, cpu) is None
-    assert _channel_block((1, 32, 128, 128, 128), cuda) is None  # 2^26 elements
-    assert _channel_block(full_res, cuda) == 8 and 8 * 256 ** 3 == CONV_BLOCK
-    assert _channel_block((1, 32, 512, 512, 512), cuda) == MIN_BLOCK_CHANNELS
+def test_channel_blocks_only_above_the_layer_option():
+    """One call without ``conv_block`` or for results up to it; above it, blocks of at most that
+    many elements, never fewer than MIN_BLOCK_CHANNELS channels."""
+    full_res = (1, 32, 256, 256, 256)  # 2^29 elements: 4 blocks of 8 channels under CONV_BLOCK
+    assert _channel_block(full_res, None) is None
+    assert _channel_block((1, 32, 128, 128, 128), CONV_BLOCK) is None  # 2^26 elements
+    assert _channel_block(full_res, CONV_BLOCK) == 8 and 8 * 256 ** 3 == CONV_BLOCK
+    assert _channel_block((1, 32, 512, 512, 512), CONV_BLOCK) == MIN_BLOCK_CHANNELS
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_converted_network_with_conv_block_gives_the_same_output_and_gradients(lean):
+    """``convert(..., conv_block=...)``: every stochastic layer computes its output and input
+    gradient in channel blocks; the sketch is the same, so output, input gradient and every
+    weight gradient match the unblocked network's (same seeds)."""
+    from monai.networks.nets import DynUNet
+
+    def run(conv_block):
+        torch.manual_seed(0)
+        net = DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[16, 24, 32])
+        snn.convert(net, 8, lean=lean, conv_block=conv_block)
+        snn.manual_seed(5)
+        x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = net(x)
+        y.square().mean().backward()
+        return y.detach(), x.grad, {n: p.grad.clone() for n, p in net.named_parameters()}, net
+
+    y_ref, gx_ref, gw_ref, _ = run(None)
+    y, gx, gw, net = run(16 * 8 ** 3)  # full-resolution layers (16 channels of 16^3) in blocks of 8 channels
+    assert {layer.conv_block for _, layer in snn.stochastic_layers(net)} == {16 * 8 ** 3}
+    assert "conv_block=8192" in repr(next(layer for _, layer in snn.stochastic_layers(net)))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-7)
+    for name in gw_ref:
+        torch.testing.assert_close(gw[name], gw_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="conv_block must be an int >= 1"):
+        snn.convert(net, 8, conv_block=0)
 
 
 def test_peak_memory_counts_transients():

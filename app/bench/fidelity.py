@@ -36,7 +36,7 @@ from torch import nn
 
 from app.measure import MIB, environment, markdown_table
 from app.models import deep_supervision_loss
-from app.nn import DEFAULT_SKETCH, PROBE_FAMILIES, convert, manual_seed
+from app.nn import DEFAULT_SKETCH, PROBE_FAMILIES, convert, manual_seed, storage_errors
 from app.nn.fidelity import FidelityReport, compare_estimators, fidelity_figures
 from app.nn.functional import SKETCHES
 from app.utils import amp_dtype, parse_key_values, resolve_device
@@ -280,8 +280,15 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, FidelityReport]]:
             variants[variant_label(est, r)] = {**options, "n_probes": r, "min_voxels": args.min_voxels}
     manual_seed(args.seed)
     model, loss_fn, batches, info = setup(args)
-    convert(model, 16)
     batch, reference = next(batches), next(batches)
+    storage_lines = _storage_section(model, loss_fn, batch, reference, args.storages) if args.storages else []
+    if not variants:
+        text = "\n".join([f"# Lean storage — {environment()}", "", *storage_lines])
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "fidelity.md").write_text(text)
+        return text, {}
+    convert(model, 16)
     reports = compare_estimators(model, loss_fn, batch, reference_batch=reference, variants=variants, n_draws=args.draws)
     env = environment()
     first = next(iter(reports.values()))
@@ -303,6 +310,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, FidelityReport]]:
         "",
         markdown_table(*layer_rows(reports)),
         "",
+        *storage_lines,
     ]
     text = "\n".join(lines)
     if args.out:
@@ -314,6 +322,21 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, FidelityReport]]:
         (out / "fidelity.json").write_text(json.dumps(payload, indent=1, default=str))
         plot_fidelity(reports, out / "fidelity.png", title=f"{info['model']}, patch {info['patch']} — {env}")
     return text, reports
+
+
+def _storage_section(model: nn.Module, loss_fn: Callable, batch: Any, reference: Any, storages: Sequence[str]) -> list[str]:
+    """Markdown lines: the gradient error of each lean storage dtype against fp32 storage, exact
+    convolutions (:func:`app.nn.storage_errors`), next to the SGD noise of the same batches."""
+    results = storage_errors(model, loss_fn, batch, reference, storages=storages)
+    rows = [[r.storage, r.network, r.sgd_noise, r.network / r.sgd_noise if r.sgd_noise else math.nan, r.worst_ratio, r.worst]
+            for r in results]
+    return [
+        "Lean storage: gradient error of the lean layers' stored x̂ in each dtype against fp32 storage (exact "
+        "convolutions, lean norms and activations), next to the SGD noise of the same batches:",
+        "",
+        markdown_table(["storage", "network rel err", "SGD noise rel err", "err / SGD", "worst layer err / SGD", "worst layer"], rows),
+        "",
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=2, help="patches per batch (default 2)")
     g = p.add_argument_group("estimators")
     g.add_argument("--n-probes", type=int, nargs="+", default=[16, 64, 256], help="probe counts (default 16 64 256)")
-    g.add_argument("--estimators", nargs="+", default=ESTIMATOR_DEFAULTS, help="estimator names (default: %(default)s)")
+    g.add_argument("--estimators", nargs="*", default=ESTIMATOR_DEFAULTS,
+                   help="estimator names (default: %(default)s); none: only --storages")
+    g.add_argument("--storages", nargs="+", default=[], metavar="DTYPE",
+                   help="also the gradient error of lean storage dtypes against fp32 storage, e.g. bfloat16 "
+                        "float8_e4m3fn float8_e5m2 (app.nn.storage_errors)")
     g.add_argument("--min-voxels", type=int, default=0, help="layers with smaller inputs stay exact (default 0)")
     g.add_argument("--draws", type=int, default=4, help="stochastic gradients per estimator (default 4)")
     g = p.add_argument_group("run")
@@ -349,8 +376,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for est in args.estimators:
         estimator_options(est)  # fail on a typo before any work
-    text, _ = run(args)
+    text, reports = run(args)
     print(text)
     if args.out:
-        print(f"wrote {Path(args.out) / 'fidelity.md'}, fidelity.json, fidelity.png")
+        print(f"wrote {Path(args.out) / 'fidelity.md'}" + (", fidelity.json, fidelity.png" if reports else ""))
     return 0

@@ -190,7 +190,7 @@ def write_plot(traces: dict[str, StepTrace], path: Path, title: str) -> None:
             columns = list(zip(*trace.by_category)) if trace.by_category else []
             ax.stackplot(xs, *[[v / GIB for v in col] for col in columns], labels=list(CATEGORIES), step="post")
         ax.set_title(f"{name}: peak {trace.peak_bytes / GIB:.2f} GiB")
-        ax.set_xlabel("time in the step (ms)")
+        ax.set_xlabel("host time in the step (ms)")  # allocations are stamped when the host issues them
         ax.set_ylabel("allocated (GiB)")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="upper left")

@@ -194,6 +194,8 @@ def build_variant_model(
         kwargs = dict(sketch_options)
         if variant.lean:
             kwargs["lean"] = True
+        if variant.blocked:
+            kwargs["conv_block"] = app.nn.CONV_BLOCK
         app.nn.convert(model, n_probes if variant.stochastic else 0, **kwargs)
     if variant.ckpt:
         enable_grad_checkpointing(model)

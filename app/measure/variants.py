@@ -8,7 +8,9 @@ A variant is a ``+``-joined set of components, e.g. ``"stochastic+lean+amp"``:
 * ``ckpt``: gradient checkpointing of every encoder/decoder stage
   (:func:`app.models.enable_grad_checkpointing`);
 * ``stochastic``: stochastic-backprop convolutions (``app.nn.convert(model, n_probes)``);
-* ``lean``: memory-lean activation/normalisation layers (``app.nn.convert(..., lean=True)``).
+* ``lean``: memory-lean activation/normalisation layers (``app.nn.convert(..., lean=True)``);
+* ``blocked``: the stochastic convolutions compute results above ``app.nn.CONV_BLOCK`` elements in
+  channel blocks (``app.nn.convert(..., conv_block=app.nn.CONV_BLOCK)``; with ``stochastic`` only).
 
 Components may come in any order; :attr:`Variant.name` is the canonical spelling
 (order of :data:`COMPONENTS`), used in tables and as part of the calibration-cache key.
@@ -31,6 +33,7 @@ COMPONENTS: dict[str, str] = {
     "exact": "plain backpropagation (no lever)",
     "stochastic": "stochastic-backprop convolutions (app.nn.convert with n_probes)",
     "lean": "memory-lean activation/normalisation layers (app.nn.convert(..., lean=True))",
+    "blocked": "stochastic convolutions in channel blocks above app.nn.CONV_BLOCK elements (convert(..., conv_block=...))",
     "amp": "bf16 autocast",
     "fp16": "fp16 autocast",
     "ckpt": "gradient checkpointing per encoder/decoder stage",
@@ -43,6 +46,7 @@ class Variant:
 
     stochastic: bool = False
     lean: bool = False
+    blocked: bool = False
     amp: bool = False
     fp16: bool = False
     ckpt: bool = False
@@ -50,6 +54,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.amp and self.fp16:
             raise ValueError("a variant takes one autocast component: 'amp' (bf16) or 'fp16', not both")
+        if self.blocked and not self.stochastic:
+            raise ValueError("'blocked' applies to stochastic convolutions: use it with 'stochastic'")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -15,6 +15,7 @@ from .fidelity import (
     gradient_fidelity,
 )
 from .functional import (
+    CONV_BLOCK,
     DEFAULT_N_PROBES,
     DEFAULT_SKETCH,
     SKETCHES,
@@ -70,6 +71,7 @@ __all__ = [
     "manual_seed",
     "DEFAULT_N_PROBES",
     "DEFAULT_SKETCH",
+    "CONV_BLOCK",
     "SKETCHES",
     "resolve_sketch",
     "PROBE_FAMILIES",

@@ -38,6 +38,7 @@ def convert(
     control: str = "mean",
     lean: bool = False,
     lean_storage: str = "bfloat16",
+    conv_block: Optional[int] = None,
 ) -> nn.Module:
     """Makes every ``Conv{1,2,3}d``/``ConvTranspose{1,2,3}d`` of ``module`` a stochastic-backprop layer, in place.
 
@@ -62,6 +63,9 @@ def convert(
         lean_storage: dtype the lean norms, PReLU and GELU keep their tensor in: ``"bfloat16"``
             (default), ``"float16"``, ``"float32"``, or, for measurements, ``"float8_e4m3fn"`` /
             ``"float8_e5m2"`` (see ``app.nn.lean.STORAGE_DTYPES``).
+        conv_block: the stochastic layers' largest result per convolution call, in elements
+            (:class:`app.nn.modules.StochasticConvMixin`); None (default): one call. Bounds cuDNN's
+            workspace at the largest layers for less speed (:data:`app.nn.functional.CONV_BLOCK`).
 
     Returns:
         ``module`` itself.
@@ -88,7 +92,7 @@ def convert(
             if target is None:
                 continue
         layer.__class__ = target
-        layer.set_sketch_options(n_probes, probes, sketch, control, min_voxels)
+        layer.set_sketch_options(n_probes, probes, sketch, control, min_voxels, conv_block)
     if lean and own_norms is not None:
         own_norms(module)
     return module

@@ -114,22 +114,23 @@ def _shape_carrier(grad_out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
 
 
 CONV_BLOCK = 1 << 27
-"""Largest convolution output or input gradient, in elements, that one cuDNN call computes
-(:func:`_channel_block`): cuDNN's bf16 forward and backward-data kernels take a workspace of their
-result's size in fp32, which at a 256³ full-resolution layer (2 GiB) set the training step's peak."""
+"""A ``conv_block`` (elements of one convolution call's result) that takes the 256³ DynUNet's
+full-resolution layers (32 channels, 2^29 elements) in 4 calls: the value of the benchmarks'
+``blocked`` variant. cuDNN's bf16 forward and backward-data kernels take a workspace about twice
+their result's size, which at those layers (2 GiB) sets the training step's peak."""
 
 MIN_BLOCK_CHANNELS = 8
 """Fewest channels per blocked convolution call (tensor-core tiles stay full)."""
 
 
-def _channel_block(shape: Sequence[int], device: torch.device) -> Optional[int]:
-    """Channels per call for a convolution result of ``shape`` ``(B, C, *S)`` on ``device``: None
-    (one call) unless a CUDA result holds more than :data:`CONV_BLOCK` elements; then blocks of at
-    most that many elements and at least :data:`MIN_BLOCK_CHANNELS` channels."""
+def _channel_block(shape: Sequence[int], conv_block: Optional[int]) -> Optional[int]:
+    """Channels per call for a convolution result of ``shape`` ``(B, C, *S)``: None (one call)
+    unless ``conv_block`` is set and the result holds more elements; then blocks of at most
+    ``conv_block`` elements and at least :data:`MIN_BLOCK_CHANNELS` channels."""
     numel = math.prod(shape)
-    if device.type != "cuda" or numel <= CONV_BLOCK:
+    if conv_block is None or numel <= conv_block:
         return None
-    return max(MIN_BLOCK_CHANNELS, CONV_BLOCK // (numel // shape[1]))
+    return max(MIN_BLOCK_CHANNELS, conv_block // (numel // shape[1]))
 
 
 def _output_shape(x_shape: Sequence[int], weight: torch.Tensor, geom: ConvGeometry) -> tuple[int, ...]:
@@ -291,9 +292,11 @@ class _StochasticConv(torch.autograd.Function):
     """Autograd function behind every stochastic convolution. Not public: use the functionals."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom: ConvGeometry, n_probes: int, probes: str, sketch: str, control: str, seed: int):
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, n_probes: int, probes: str, sketch: str, control: str, seed: int,
+                conv_block: Optional[int] = None):
         with _autocast_off(x.device.type):
-            y = _conv(x, weight, bias, geom, _channel_block(_output_shape(x.shape, weight, geom), x.device))
+            ctx.conv_block = conv_block
+            y = _conv(x, weight, bias, geom, _channel_block(_output_shape(x.shape, weight, geom), conv_block))
             ctx.geom, ctx.n_probes, ctx.probes, ctx.sketch = geom, n_probes, probes, sketch
             ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
             ctx.budget = y.numel()
@@ -326,13 +329,13 @@ class _StochasticConv(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_y.sum(dim=(0, *range(2, grad_y.dim())))
             if ctx.needs_input_grad[0]:
-                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom, _channel_block(ctx.x_shape, grad_y.device))
+                grad_x = _input_grad(ctx.x_shape, weight, grad_y, geom, _channel_block(ctx.x_shape, ctx.conv_block))
             if ctx.needs_input_grad[1] and ctx.sketch == "spectral":
                 estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
                 grad_w = estimate(grad_y, *state, ctx.fft_sizes, geom, ctx.budget)
             elif ctx.needs_input_grad[1]:
                 grad_w = _estimate_weight_grad(grad_y, *state, int(seed_t), ctx)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _sketch_input(
@@ -520,9 +523,12 @@ def _stochastic_conv_nd(
     sketch: Optional[str],
     control: str,
     seed: Optional[int],
+    conv_block: Optional[int] = None,
 ) -> torch.Tensor:
     """The n-dimensional core of every functional and module: validates, normalises the arguments
-    once, and runs the stochastic convolution (or the ordinary one where no sketch is kept)."""
+    once, and runs the stochastic convolution (or the ordinary one where no sketch is kept).
+    ``conv_block``: the layers' option (:class:`app.nn.modules.StochasticConvMixin`), None for the
+    functionals."""
     name = f"stochastic_conv{'_transpose' if transposed else ''}{dims}d"
     if input.dim() != dims + 2:
         raise ValueError(f"{name} expects input of shape (B, C, {', '.join('DHW'[3 - dims:])}), but got shape {tuple(input.shape)}")
@@ -547,7 +553,9 @@ def _stochastic_conv_nd(
         sketch == "spectral" and n_probes >= _spectral_frequencies(x.shape[2:], geom)
     ):
         return _conv(x, weight, bias, geom)
-    return _StochasticConv.apply(x, weight, bias, geom, n_probes, probes, sketch, control, _draw_seed(seed, sketch, x.device))
+    return _StochasticConv.apply(
+        x, weight, bias, geom, n_probes, probes, sketch, control, _draw_seed(seed, sketch, x.device), conv_block
+    )
 
 
 def _draw_seed(seed: Optional[int], sketch: str, device: torch.device) -> Union[int, torch.Tensor]:

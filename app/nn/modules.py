@@ -42,6 +42,11 @@ class StochasticConvMixin:
             never None, never ``"offset"`` on a transposed convolution).
         control: ``"mean"`` or ``"none"``.
         min_voxels: inputs with fewer voxels per sample use exact backprop.
+        conv_block: largest result, in elements, of one call of the convolution and of its input
+            gradient; a larger one is computed in blocks of channels (at least
+            :data:`app.nn.functional.MIN_BLOCK_CHANNELS`), which bounds the library's workspace
+            (cuDNN's bf16 kernels take about twice their result's size). The same numbers, slower
+            (many smaller calls); None: one call.
         force_exact: set by :func:`app.nn.exact`.
     """
 
@@ -50,6 +55,7 @@ class StochasticConvMixin:
     sketch: str
     control: str
     min_voxels: int
+    conv_block: Optional[int] = None
     force_exact: bool = False
     transposed: bool
 
@@ -60,12 +66,16 @@ class StochasticConvMixin:
         sketch: Optional[str] = DEFAULT_SKETCH,
         control: str = "mean",
         min_voxels: int = 0,
+        conv_block: Optional[int] = None,
     ) -> None:
         """Validates and sets the sketch options (``sketch=None`` means :data:`DEFAULT_SKETCH`)."""
         check_sketch_options(n_probes, probes, sketch, control)
         if not isinstance(min_voxels, int) or min_voxels < 0:
             raise ValueError(f"min_voxels must be an int >= 0, but got min_voxels={min_voxels!r}")
+        if conv_block is not None and (isinstance(conv_block, bool) or not isinstance(conv_block, int) or conv_block < 1):
+            raise ValueError(f"conv_block must be an int >= 1 (elements) or None, but got conv_block={conv_block!r}")
         self.n_probes, self.probes, self.control, self.min_voxels = n_probes, probes, control, min_voxels
+        self.conv_block = conv_block
         self.sketch = resolve_sketch(sketch, self.transposed)
 
     def uses_sketch(self, x: torch.Tensor) -> bool:
@@ -80,7 +90,8 @@ class StochasticConvMixin:
         )
 
     def sketch_repr(self) -> str:
-        return f"n_probes={self.n_probes}, probes={self.probes}, sketch={self.sketch}, control={self.control}, min_voxels={self.min_voxels}"
+        text = f"n_probes={self.n_probes}, probes={self.probes}, sketch={self.sketch}, control={self.control}, min_voxels={self.min_voxels}"
+        return text if self.conv_block is None else f"{text}, conv_block={self.conv_block}"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.sketch_repr()}"
@@ -99,7 +110,7 @@ class _StochasticConvNd(StochasticConvMixin):
         return _stochastic_conv_nd(
             input, weight, bias, dims=len(self.kernel_size), transposed=False, stride=self.stride, padding=padding,
             output_padding=0, dilation=self.dilation, groups=self.groups, n_probes=self.n_probes, probes=self.probes,
-            sketch=self.sketch, control=self.control, seed=None,
+            sketch=self.sketch, control=self.control, seed=None, conv_block=self.conv_block,
         )
 
 
@@ -114,7 +125,7 @@ class _StochasticConvTransposeNd(StochasticConvMixin):
         return _stochastic_conv_nd(
             input, self.weight, self.bias, dims=dims, transposed=True, stride=self.stride, padding=self.padding,
             output_padding=output_padding, dilation=self.dilation, groups=self.groups, n_probes=self.n_probes,
-            probes=self.probes, sketch=self.sketch, control=self.control, seed=None,
+            probes=self.probes, sketch=self.sketch, control=self.control, seed=None, conv_block=self.conv_block,
         )
 
 
