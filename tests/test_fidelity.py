@@ -212,6 +212,25 @@ def test_bench_cli_prints_a_table_and_writes_a_png(tmp_path, capsys):
     assert set(payload["reports"]) == {"shifted r4", "offset r4"}
 
 
+def test_bench_cli_storages_alone_prints_the_storage_errors(tmp_path, capsys):
+    """``fidelity --estimators --storages ...``: no estimator runs; one row per storage dtype, fp32
+    storage has no error, fp8 more than bf16, each next to the same SGD noise."""
+    from app.bench.__main__ import main
+
+    code = main(["fidelity", "--data", "synthetic", "--data-root", str(tmp_path / "data"), "--n-cases", "2",
+                 "--patch", "16", "--batch-size", "1", "--model-arg", "base_features=4", "max_features=8",
+                 "--estimators", "--storages", "float32", "bfloat16", "float8_e4m3fn", "--device", "cpu",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "# Lean storage" in text and "Gradient fidelity" not in text
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines() if line.startswith("| float") or line.startswith("| bfloat")}
+    errors = {k: float(v[0]) for k, v in rows.items()}
+    noise = {float(v[1]) for v in rows.values()}
+    assert errors["float32"] == 0 < errors["bfloat16"] < errors["float8_e4m3fn"] and len(noise) == 1 and noise.pop() > 0
+    assert (tmp_path / "out" / "fidelity.md").read_text().startswith("# Lean storage")
+
+
 def _quality_study():
     return load_script("quality_study")
 

@@ -42,6 +42,7 @@ SAVED_BYTES_PER_VOXEL_STOCHASTIC_LEAN = 410.7 * 1.05
         ("amp+stochastic", Variant(stochastic=True, amp=True)),
         ("ckpt+amp+stochastic", Variant(stochastic=True, amp=True, ckpt=True)),
         ("STOCHASTIC+Lean+amp", Variant(stochastic=True, lean=True, amp=True)),
+        ("amp+blocked+lean+stochastic", Variant(stochastic=True, lean=True, blocked=True, amp=True)),
     ],
 )
 def test_parse_variant_any_order_canonical_name(text, expected):
@@ -71,7 +72,7 @@ def test_parse_variant_did_you_mean():
         parse_variant("stochastc")
 
 
-@pytest.mark.parametrize("bad", ["", "amp+", "amp+amp", "exact+stochastic", "lean+exact", "amp+fp16"])
+@pytest.mark.parametrize("bad", ["", "amp+", "amp+amp", "exact+stochastic", "lean+exact", "amp+fp16", "lean+blocked"])
 def test_parse_variant_rejects_malformed(bad):
     with pytest.raises(ValueError):
         parse_variant(bad)
