@@ -62,6 +62,19 @@ def test_cpu_run_writes_table_markdown_and_png(tmp_path, capsys, tiny_model):
     assert float(stoch_row[7]) == pytest.approx(stoch["saved_bytes_per_voxel"], rel=5e-3)
 
 
+def test_lean_storage_option_sets_what_the_lean_norms_keep(tmp_path, tiny_model):
+    """``--lean-storage float8_e4m3fn``: the lean variant saves fewer bytes than with bf16 storage
+    (x̂ in one byte instead of two), and the report names the storage."""
+    saved = {}
+    for storage in ("bfloat16", "float8_e4m3fn"):
+        out = tmp_path / storage
+        assert bench_main(["memory", "--models", "tiny", "--sizes", "16", "--variants", "stochastic+lean",
+                           "--lean-storage", storage, "--warmup", "0", "--repeat", "1", "--no-cache", "--out", str(out)]) == 0
+        assert f"lean storage {storage}" in (out / "memory.md").read_text()
+        saved[storage] = json.loads((out / "memory.json").read_text())["rows"][0]["saved_bytes"]
+    assert 0 < saved["float8_e4m3fn"] < saved["bfloat16"]
+
+
 def test_planner_reuses_the_bench_measurements(tmp_path, tiny_model):
     """The bench and the planner key their shared calibration cache the same way."""
     cache = tmp_path / "cache.json"

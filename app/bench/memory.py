@@ -48,6 +48,7 @@ from app.measure import (
 from app.bench.networks import BENCH_MODELS
 from app.nn import DEFAULT_N_PROBES
 from app.nn.functional import SKETCHES
+from app.nn.lean import STORAGE_DTYPES
 from app.models.compiled import COMPILE_MODES
 from app.plan.cache import CalibrationCache, cache_key, default_cache_path
 from app.plan.planner import STATE_BYTES_PER_PARAMETER_BYTE, PlanResult, plan
@@ -82,7 +83,10 @@ def _measure(model: str, edge: int, variant: str, args: argparse.Namespace, devi
 
 
 def _sketch_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {} if args.sketch is None else {"sketch": args.sketch}
+    options = {} if args.sketch is None else {"sketch": args.sketch}
+    if args.lean_storage is not None:
+        options["lean_storage"] = args.lean_storage
+    return options
 
 
 def run(args: argparse.Namespace, device: torch.device,
@@ -213,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-probes", type=int, default=DEFAULT_N_PROBES)
     p.add_argument("--sketch", default=None, choices=list(SKETCHES),
                    help="sketch of the stochastic layers. Default: the layers' own default")
+    p.add_argument("--lean-storage", default=None, choices=list(STORAGE_DTYPES),
+                   help="dtype the lean layers keep x̂ in (lean variants). Default: app.nn.convert's (bfloat16)")
     p.add_argument("--cap-gib", type=float, default=None,
                    help="limit the CUDA allocator to this many GiB (rows above it: OOM); the --max-cube budget")
     p.add_argument("--max-cube", action="store_true", help="also find the largest cube within --cap-gib per variant")
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         cap = f", allocator cap {args.cap_gib:g} GiB" if args.cap_gib is not None and cuda else ""
         lines = [
             "## Training-step memory per variant (app.bench memory)", "", environment(), "",
-            (f"batch {args.batch_size}, n_probes {args.n_probes}, sketch {args.sketch or 'default'}, compile {args.compile}, "
+            (f"batch {args.batch_size}, n_probes {args.n_probes}, sketch {args.sketch or 'default'}, "
+             f"lean storage {args.lean_storage or 'default'}, compile {args.compile}, "
              f"{args.warmup} warm-up + {args.repeat} timed steps "
              f"(AdamW, DiceCE){cap}; peak = torch.cuda.max_memory_allocated over the timed steps; "
              "saved = bytes saved for backward by the forward pass and loss (parameters excluded)"),
