@@ -203,4 +203,6 @@ def test_sketch_config_defaults_are_the_layers_defaults():
     sketch = OmegaConf.to_container(OmegaConf.load(config_dir() / "sketch" / "default.yaml"))
     assert sketch["sketch"] == app.nn.DEFAULT_SKETCH and sketch["n_probes"] == app.nn.DEFAULT_N_PROBES
     convert_kwargs, _ = split_sketch_config(sketch)
-    assert set(convert_kwargs) <= set(inspect.signature(app.nn.convert).parameters)
+    parameters = inspect.signature(app.nn.convert).parameters
+    assert set(convert_kwargs) <= set(parameters)
+    assert sketch["conv_block"] is parameters["conv_block"].default is None  # off unless asked for
