@@ -156,7 +156,8 @@ def _input_grad(
     (or ``conv_transpose3d``), so the result is torch's. With ``block`` (an ungrouped convolution
     only), the gradient is computed for at most ``block`` input channels at a time, each with its
     slice of the weight, into one output: the library's workspace for one call (cuDNN's for a bf16
-    layer can be twice the gradient's size) scales with the channels of the call.
+    layer can be twice the gradient's size) is smaller for fewer channels (2 GiB for a 32-channel
+    256³ gradient, 1.25 GiB for 8 of its channels on an H200).
 
     Args:
         x_shape: ``(B, C_in, *S_in)``.
@@ -192,7 +193,7 @@ def _conv(
 ) -> torch.Tensor:
     """The convolution's output ``(B, C_out, *S_out)``; with ``block`` (an ungrouped convolution
     only), computed for at most ``block`` output channels at a time into one output, each with its
-    slice of the weight and bias (a library workspace scales with the channels of one call)."""
+    slice of the weight and bias (a library workspace is smaller for fewer channels)."""
     if block is None or geom.groups != 1:
         return _conv_call(x, weight, bias, geom)
     channels = weight.shape[1] if geom.transposed else weight.shape[0]
