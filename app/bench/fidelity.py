@@ -282,17 +282,30 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, FidelityReport]]:
     model, loss_fn, batches, info = setup(args)
     batch, reference = next(batches), next(batches)
     storage_lines = _storage_section(model, loss_fn, batch, reference, args.storages) if args.storages else []
-    if not variants:
-        text = "\n".join([f"# Lean storage — {environment()}", "", *storage_lines])
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "fidelity.md").write_text(text)
-        return text, {}
-    convert(model, 16)
-    reports = compare_estimators(model, loss_fn, batch, reference_batch=reference, variants=variants, n_draws=args.draws)
     env = environment()
+    reports: dict[str, FidelityReport] = {}
+    lines = [f"# Lean storage — {env}", ""]
+    if variants:
+        convert(model, 16)
+        reports = compare_estimators(model, loss_fn, batch, reference_batch=reference, variants=variants, n_draws=args.draws)
+        lines = _estimator_lines(reports, info, args, env)
+    text = "\n".join([*lines, *storage_lines])
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.md").write_text(text)
+        if reports:
+            payload = {"environment": env, "info": info, "args": vars(args),
+                       "reports": {k: _jsonable(v) for k, v in reports.items()}}
+            (out / "fidelity.json").write_text(json.dumps(payload, indent=1, default=str))
+            plot_fidelity(reports, out / "fidelity.png", title=f"{info['model']}, patch {info['patch']} — {env}")
+    return text, reports
+
+
+def _estimator_lines(reports: dict[str, FidelityReport], info: dict[str, Any], args: argparse.Namespace, env: str) -> list[str]:
+    """Markdown lines of the estimator comparison: header, network summary, per-layer errors."""
     first = next(iter(reports.values()))
-    lines = [
+    return [
         f"# Gradient fidelity — {env}",
         "",
         f"Model: {info['model']}, {info['parameters'] / 1e6:.2f}M parameters"
@@ -310,18 +323,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, FidelityReport]]:
         "",
         markdown_table(*layer_rows(reports)),
         "",
-        *storage_lines,
     ]
-    text = "\n".join(lines)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fidelity.md").write_text(text)
-        payload = {"environment": env, "info": info, "args": vars(args),
-                   "reports": {k: _jsonable(v) for k, v in reports.items()}}
-        (out / "fidelity.json").write_text(json.dumps(payload, indent=1, default=str))
-        plot_fidelity(reports, out / "fidelity.png", title=f"{info['model']}, patch {info['patch']} — {env}")
-    return text, reports
 
 
 def _storage_section(model: nn.Module, loss_fn: Callable, batch: Any, reference: Any, storages: Sequence[str]) -> list[str]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -146,6 +146,20 @@ def _output_shape(x_shape: Sequence[int], weight: torch.Tensor, geom: ConvGeomet
     return (x_shape[0], channels, *spatial)
 
 
+def _by_channel_blocks(channels: int, block: int, compute: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``compute(c0, c1)`` ``(B, c1 - c0, *S)`` for channel blocks ``[c0, c1)`` of at most ``block``
+    channels, each written into one ``(B, channels, *S)`` result and freed before the next."""
+    out: Optional[torch.Tensor] = None
+    for c0 in range(0, channels, block):
+        c1 = min(channels, c0 + block)
+        part = compute(c0, c1)
+        if out is None:
+            out = part.new_empty((part.shape[0], channels, *part.shape[2:]))
+        out[:, c0:c1] = part
+        del part
+    return out
+
+
 def _input_grad(
     x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry, block: Optional[int] = None
 ) -> torch.Tensor:
@@ -171,13 +185,9 @@ def _input_grad(
     channels = x_shape[1]
     if block is None or block >= channels or geom.groups != 1:
         return _input_grad_call(x_shape, weight, grad_out, geom)
-    out = grad_out.new_empty(tuple(x_shape))
-    for c0 in range(0, channels, block):
-        c1 = min(channels, c0 + block)
-        # the weight's input channels: dim 1 of a regular (C_out, C_in, *K), dim 0 of a transposed (C_in, C_out, *K)
-        part = weight[c0:c1] if geom.transposed else weight[:, c0:c1]
-        out[:, c0:c1] = _input_grad_call((x_shape[0], c1 - c0, *x_shape[2:]), part, grad_out, geom)
-    return out
+    # the weight's input channels: dim 1 of a regular (C_out, C_in, *K), dim 0 of a transposed (C_in, C_out, *K)
+    return _by_channel_blocks(channels, block, lambda c0, c1: _input_grad_call(
+        (x_shape[0], c1 - c0, *x_shape[2:]), weight[c0:c1] if geom.transposed else weight[:, c0:c1], grad_out, geom))
 
 
 def _input_grad_call(x_shape: Sequence[int], weight: torch.Tensor, grad_out: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
@@ -194,21 +204,12 @@ def _conv(
     """The convolution's output ``(B, C_out, *S_out)``; with ``block`` (an ungrouped convolution
     only), computed for at most ``block`` output channels at a time into one output, each with its
     slice of the weight and bias (a library workspace is smaller for fewer channels)."""
-    if block is None or geom.groups != 1:
-        return _conv_call(x, weight, bias, geom)
     channels = weight.shape[1] if geom.transposed else weight.shape[0]
-    if block >= channels:
+    if block is None or block >= channels or geom.groups != 1:
         return _conv_call(x, weight, bias, geom)
-    out: Optional[torch.Tensor] = None
-    for c0 in range(0, channels, block):
-        c1 = min(channels, c0 + block)
-        # the weight's output channels: dim 0 of a regular (C_out, C_in, *K), dim 1 of a transposed (C_in, C_out, *K)
-        part = _conv_call(x, weight[:, c0:c1] if geom.transposed else weight[c0:c1], None if bias is None else bias[c0:c1], geom)
-        if out is None:
-            out = part.new_empty((part.shape[0], channels, *part.shape[2:]))
-        out[:, c0:c1] = part
-        del part
-    return out
+    # the weight's output channels: dim 0 of a regular (C_out, C_in, *K), dim 1 of a transposed (C_in, C_out, *K)
+    return _by_channel_blocks(channels, block, lambda c0, c1: _conv_call(
+        x, weight[:, c0:c1] if geom.transposed else weight[c0:c1], None if bias is None else bias[c0:c1], geom))
 
 
 def _conv_call(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geom: ConvGeometry) -> torch.Tensor:
@@ -297,7 +298,8 @@ class _StochasticConv(torch.autograd.Function):
                 conv_block: Optional[int] = None):
         with _autocast_off(x.device.type):
             ctx.conv_block = conv_block
-            y = _conv(x, weight, bias, geom, _channel_block(_output_shape(x.shape, weight, geom), conv_block))
+            block = None if conv_block is None else _channel_block(_output_shape(x.shape, weight, geom), conv_block)
+            y = _conv(x, weight, bias, geom, block)
             ctx.geom, ctx.n_probes, ctx.probes, ctx.sketch = geom, n_probes, probes, sketch
             ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
             ctx.budget = y.numel()
