@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 
+import app.nn
 from app.bench import memory
 from app.bench.__main__ import COMMANDS
 from app.bench.__main__ import main as bench_main
-from app.measure import StepStats, environment, environment_info
+from app.bench.networks import bench_model_config
+from app.measure import StepStats, environment, environment_info, parse_variant
+from app.measure import step as step_module
+from app.nn.modules import StochasticConvMixin
 from app.plan import plan
 
 TINY = {"name": "dynunet", "in_channels": 1, "out_channels": 2, "spacing": [1.0, 1.0, 1.0],
@@ -73,6 +77,22 @@ def test_lean_storage_option_sets_what_the_lean_norms_keep(tmp_path, tiny_model)
         assert f"lean storage {storage}" in (out / "memory.md").read_text()
         saved[storage] = json.loads((out / "memory.json").read_text())["rows"][0]["saved_bytes"]
     assert 0 < saved["float8_e4m3fn"] < saved["bfloat16"]
+
+
+def test_conv_block_option_sets_the_blocked_variants_block_only(tiny_model):
+    """``--conv-block N`` reaches the stochastic layers of ``blocked`` variants (and no other)."""
+    args = memory._parser().parse_args(["--conv-block", "4096"])
+    options = memory._sketch_options(args)
+    cfg = bench_model_config("tiny", [], (16, 16, 16))
+    blocks = {}
+    for name in ("stochastic+lean", "stochastic+lean+blocked"):
+        model = step_module.build_variant_model(cfg, parse_variant(name), 8, options)
+        layers = [m for m in model.modules() if isinstance(m, StochasticConvMixin)]
+        assert layers
+        blocks[name] = {m.conv_block for m in layers}
+    assert blocks == {"stochastic+lean": {None}, "stochastic+lean+blocked": {4096}}
+    default = step_module.build_variant_model(cfg, parse_variant("stochastic+blocked"), 8, {})
+    assert {m.conv_block for m in default.modules() if isinstance(m, StochasticConvMixin)} == {app.nn.CONV_BLOCK}
 
 
 def test_planner_reuses_the_bench_measurements(tmp_path, tiny_model):

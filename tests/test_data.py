@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -538,6 +539,18 @@ def test_mni_dataset_from_package_data(tmp_path: Path) -> None:
     image = nib.load(dl.train[0]["image"]).get_fdata()
     assert image[label == 2].mean() > image[label == 1].mean()  # T1: white matter brighter than grey
     assert make_mni_dataset(root, shape=(40, 48, 40), n_train=2, n_val=1) == root
+
+
+def test_mni_dataset_reused_without_nilearn(tmp_path: Path, monkeypatch) -> None:
+    """A folder that holds the dataset is reused where nilearn is not installed (a GPU machine given
+    the files); an empty one fails naming nilearn, before the folder is created."""
+    pytest.importorskip("nilearn")
+    root = make_mni_dataset(tmp_path / "mni", shape=(24, 24, 24), n_train=1, n_val=1)
+    monkeypatch.setitem(sys.modules, "nilearn", None)  # `import nilearn` raises ImportError
+    assert make_mni_dataset(root, shape=(24, 24, 24), n_train=1, n_val=1) == root
+    with pytest.raises(DataError, match="needs nilearn"):
+        make_mni_dataset(tmp_path / "new", shape=(24, 24, 24), n_train=1, n_val=1)
+    assert not (tmp_path / "new").exists()
 
 
 def test_build_loaders_distributed_single_process(synthetic: Path, tmp_path: Path) -> None:

@@ -86,6 +86,8 @@ def _sketch_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {} if args.sketch is None else {"sketch": args.sketch}
     if args.lean_storage is not None:
         options["lean_storage"] = args.lean_storage
+    if args.conv_block is not None:
+        options["conv_block"] = args.conv_block
     return options
 
 
@@ -219,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sketch of the stochastic layers. Default: the layers' own default")
     p.add_argument("--lean-storage", default=None, choices=list(STORAGE_DTYPES),
                    help="dtype the lean layers keep x̂ in (lean variants). Default: app.nn.convert's (bfloat16)")
+    p.add_argument("--conv-block", type=int, default=None,
+                   help="elements above which the 'blocked' variants compute a convolution in channel blocks. "
+                        "Default app.nn.CONV_BLOCK (2^27)")
     p.add_argument("--cap-gib", type=float, default=None,
                    help="limit the CUDA allocator to this many GiB (rows above it: OOM); the --max-cube budget")
     p.add_argument("--max-cube", action="store_true", help="also find the largest cube within --cap-gib per variant")

@@ -53,6 +53,33 @@ def _listed_files(root: Path, meta: dict[str, Any]) -> list[Path]:
     return [root / item[k] for item in items for k in ("image", "label")]
 
 
+def holds_dataset(root: PathLikeStr, key: str, params: dict[str, Any]) -> bool:
+    """Whether ``root`` already holds this exact, complete dataset (reads only).
+
+    Raises:
+        DataError: ``root`` is a file, or holds another dataset or an unreadable dataset.json.
+    """
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise data_error(root, "exists and is not a folder")
+    meta_path = root / DATASET_JSON
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise data_error(meta_path, f"cannot read it ({e}); refusing to overwrite this folder") from e
+    want = _jsonable(params)
+    if meta.get(key) != want:
+        found = meta.get(key, "no generator parameters (not made by this generator)")
+        raise data_error(
+            root,
+            f"holds a different dataset ({key}: {found}, requested {want}); "
+            "refusing to overwrite it, use another folder or delete this one",
+        )
+    return all(p.exists() for p in _listed_files(root, meta))  # files, or folders of frames / masks
+
+
 def claim_dataset_root(root: PathLikeStr, key: str, params: dict[str, Any]) -> bool:
     """Decides whether a generator may reuse, must (re)generate, or must leave ``root`` alone.
 
@@ -69,25 +96,12 @@ def claim_dataset_root(root: PathLikeStr, key: str, params: dict[str, Any]) -> b
         DataError: ``root`` holds another dataset, other files, or an unreadable dataset.json.
     """
     root = Path(root).expanduser()
+    if holds_dataset(root, key, params):
+        return True
     want = _jsonable(params)
-    if root.exists() and not root.is_dir():
-        raise data_error(root, "exists and is not a folder")
-    meta_path = root / DATASET_JSON
     marker = root / _IN_PROGRESS
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise data_error(meta_path, f"cannot read it ({e}); refusing to overwrite this folder") from e
-        if meta.get(key) != want:
-            found = meta.get(key, "no generator parameters (not made by this generator)")
-            raise data_error(
-                root,
-                f"holds a different dataset ({key}: {found}, requested {want}); "
-                "refusing to overwrite it, use another folder or delete this one",
-            )
-        if all(p.exists() for p in _listed_files(root, meta)):  # files, or folders of frames / masks
-            return True
+    if (root / DATASET_JSON).is_file():
+        pass  # this dataset, with files missing: regenerate it
     elif marker.is_file():
         try:
             pending = json.loads(marker.read_text())
@@ -420,6 +434,8 @@ def make_mni_dataset(
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
     params = {"version": _MNI_VERSION, "shape": target, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if holds_dataset(root, "mni", params):  # reused without nilearn
+        return root
     _require_nilearn(root)  # before touching the folder
     if claim_dataset_root(root, "mni", params):
         return root

@@ -186,16 +186,19 @@ def build_variant_model(
     cfg: dict[str, Any], variant: Variant, n_probes: int, sketch_options: Mapping[str, Any], seed: int = 0
 ) -> torch.nn.Module:
     """The network of a resolved model config with ``variant``'s levers applied (stochastic/lean
-    layers, gradient checkpointing), its weights seeded by ``seed`` (the global RNG is left alone)."""
+    layers, gradient checkpointing), its weights seeded by ``seed`` (the global RNG is left alone).
+    ``sketch_options`` are :func:`app.nn.convert`'s; their ``conv_block`` (default
+    :data:`app.nn.CONV_BLOCK`) applies to ``blocked`` variants only."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
     if variant.stochastic or variant.lean:
         kwargs = dict(sketch_options)
+        conv_block = kwargs.pop("conv_block", app.nn.CONV_BLOCK)
         if variant.lean:
             kwargs["lean"] = True
         if variant.blocked:
-            kwargs["conv_block"] = app.nn.CONV_BLOCK
+            kwargs["conv_block"] = conv_block
         app.nn.convert(model, n_probes if variant.stochastic else 0, **kwargs)
     if variant.ckpt:
         enable_grad_checkpointing(model)
