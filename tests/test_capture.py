@@ -238,6 +238,30 @@ def _dynunet_step(compile: str, variant: str = "stochastic+lean+amp", device: st
                         torch.device(device), compile=compile)
 
 
+def test_training_step_runs_the_compiled_network():
+    """``TrainingStep`` calls the ``torch.compile``d module (whose truth value raises: it has no
+    ``len``), and its step updates the weights."""
+    from app.measure.step import TrainingStep, model_config_for_patch
+    from app.measure.variants import parse_variant
+
+    patch = (16, 16, 16)
+    cfg = model_config_for_patch({"name": "dynunet", "in_channels": 1, "out_channels": 2, "spacing": [1.0, 1.0, 1.0],
+                                  "base_features": 4, "max_features": 8, "max_depth": 3}, patch)
+    step = TrainingStep(cfg, parse_variant("exact"), patch, 1, 0, {}, torch.device("cpu"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step.model = torch.compile(step.eager_model, backend=backend)
+    before = [p.detach().clone() for p in step.parameters]
+    step()
+    assert graphs, "the compiled module was not called"
+    assert any(not torch.equal(a, p) for a, p in zip(before, step.parameters))
+
+
 @pytest.mark.parametrize("case, match", [
     ("cpu", "needs a CUDA device"),
     ("fp16", "not fp16"),

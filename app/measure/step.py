@@ -249,7 +249,7 @@ class TrainingStep:
     def _loss_of(self, image: torch.Tensor, label: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """The loss of ``model`` (default: the eager network) on one batch, as the trainer computes it."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = (model or self.eager_model)(image)
+            logits = (self.eager_model if model is None else model)(image)
         return deep_supervision_loss(self.loss_fn, logits, label)  # as the trainer: in fp32, outside autocast
 
     def forward_loss(self, eager: bool = False) -> torch.Tensor:
