@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import app.nn as snn
 from app.bench import peaks
 from app.nn import spectral
+from app.nn.fft_lengths import CUFFT_NS_PER_POINT
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -80,12 +81,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _grids(x: torch.Tensor, y_spatial: Sequence[int], geom: Geom) -> tuple[tuple[int, ...], list[int]]:
-    """``(M, grid of x)`` as the functional chooses them (a transposed conv's ``x`` lies on ``M / s``)."""
+def _grids(x: torch.Tensor, y_spatial: Sequence[int], geom: Geom, device_type: str = "cpu") -> tuple[tuple[int, ...], list[int]]:
+    """``(M, grid of x)`` as the functional chooses them on a ``device_type`` device (a transposed
+    conv's ``x`` lies on ``M / s``)."""
     if geom.transposed:
-        sizes = spectral.fft_sizes(y_spatial, x.shape[2:], geom)
+        sizes = spectral.fft_sizes(y_spatial, x.shape[2:], geom, device_type)
         return sizes, [m // s for m, s in zip(sizes, geom.stride)]
-    sizes = spectral.fft_sizes(x.shape[2:], y_spatial, geom)
+    sizes = spectral.fft_sizes(x.shape[2:], y_spatial, geom, device_type)
     return sizes, list(sizes)
 
 
@@ -96,10 +98,12 @@ def _exact_weight_grad(x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor, geom:
     return grad
 
 
-def _estimate(x: torch.Tensor, gy: torch.Tensor, geom: Geom, n_probes: int, seeds: Sequence[int], budget: int = 1 << 30) -> torch.Tensor:
-    """The mean of the sketched dW over one draw per seed: the draws are stacked along the batch
-    axis, where ``weight_grad`` sums, so one call evaluates them all."""
-    sizes, grid = _grids(x, gy.shape[2:], geom)
+def _estimate(x: torch.Tensor, gy: torch.Tensor, geom: Geom, n_probes: int, seeds: Sequence[int], budget: int = 1 << 30,
+              device_type: str = "cpu") -> torch.Tensor:
+    """The mean of the sketched dW over one draw per seed, on the FFT grid of a ``device_type``
+    device: the draws are stacked along the batch axis, where ``weight_grad`` sums, so one call
+    evaluates them all."""
+    sizes, grid = _grids(x, gy.shape[2:], geom, device_type)
     parts = [spectral.sketch(x, grid, n_probes, s, budget) for s in seeds]
     values, index, weight = (torch.cat(t) for t in zip(*parts))
     estimate = spectral.transposed_weight_grad if geom.transposed else spectral.weight_grad
@@ -141,6 +145,55 @@ def test_fft_length_is_the_smallest_fast_multiple_of_the_stride(stride, n):
     assert not any(stride * i >= n and _seven_smooth(i) for i in range(1, j)), (n, stride, m)
     if _seven_smooth(stride):
         assert _seven_smooth(m)  # a fast FFT wherever one exists
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("n", [41, 65, 97, 129, 161, 200, 257, 300])
+def test_cuda_fft_length_is_the_shortest_of_the_cheapest_measured(stride, n):
+    """On CUDA: a multiple of the stride from ``n`` to ``MAX_GRID_GROWTH · n`` (or the 7-smooth
+    length), whose measured cost is within ``COST_TOLERANCE`` of every candidate's, and no shorter
+    candidate is."""
+    m = spectral._fast_cuda_length(n, stride, 3)
+    smooth = spectral._smooth(n, stride)
+    candidates = [c for c in range(n, max(smooth, int(spectral.MAX_GRID_GROWTH * n)) + 1)
+                  if c % stride == 0 and c in CUFFT_NS_PER_POINT]
+    cost = {c: c ** 3 * CUFFT_NS_PER_POINT[c] for c in candidates}
+    assert m >= n and m % stride == 0 and m in cost, (n, stride, m)
+    assert cost[m] <= spectral.COST_TOLERANCE * min(cost.values())
+    assert all(cost[c] > spectral.COST_TOLERANCE * min(cost.values()) for c in candidates if c < m)
+
+
+def test_cuda_fft_lengths_are_faster_than_the_smooth_rule_where_measured():
+    """The 128³ layers' grid: 132 (2²·3·11) on CUDA, where the 7-smooth rule gives 135 (3³·5), which
+    cuFFT runs at over 1.5 times the cost per point; tiny and unmeasured lengths keep the rule."""
+    geom = Geom.of(3, (3, 3, 3), padding=1)
+    assert spectral.fft_sizes((128,) * 3, (128,) * 3, geom) == (135,) * 3
+    assert spectral.fft_sizes((128,) * 3, (128,) * 3, geom, "cuda") == (132,) * 3
+    assert CUFFT_NS_PER_POINT[135] > 1.5 * CUFFT_NS_PER_POINT[132]
+    for n in (8, 16, 32, 400):
+        assert spectral.fft_sizes((n,) * 3, (n,) * 3, geom, "cuda") == spectral.fft_sizes((n,) * 3, (n,) * 3, geom)
+
+
+@pytest.mark.parametrize("spatial,kernel,kwargs,transposed", [
+    ((64, 6, 5), (3, 3, 3), dict(padding=1), False),  # 65 -> 66 on CUDA, 70 on the CPU
+    ((64, 7, 6), (3, 3, 3), dict(stride=2, padding=1), False),
+    ((33, 4, 3), (2, 2, 2), dict(stride=2), True),  # output 66: grid 66 (70 on the CPU), x on 33
+    ((44, 5, 6), (3, 3, 1), dict(padding=(1, 0, 0)), False),  # 45 -> 49 on CUDA
+])
+def test_every_frequency_is_exact_on_the_cuda_grids(spatial, kernel, kwargs, transposed):
+    """The CUDA grids differ from the CPU's (checked) and dW is exact on them with every coefficient kept."""
+    gen = torch.Generator().manual_seed(5)
+    dims = 3
+    geom = Geom.of(dims, kernel, transposed=transposed, **kwargs)
+    x = torch.randn(2, 3, *spatial, generator=gen)
+    w = torch.randn(*((3, 4) if transposed else (4, 3)), *kernel, generator=gen)
+    conv = (CONV_T if transposed else CONV)[dims]
+    gy = torch.randn(conv(x, w, **geom.conv_kwargs()).shape, generator=gen)
+    cuda_grid = _grids(x, gy.shape[2:], geom, "cuda")[1]
+    assert cuda_grid != _grids(x, gy.shape[2:], geom)[1]
+    grad = _estimate(x, gy, geom, 2 * spectral.n_frequencies(cuda_grid), [0], device_type="cuda")
+    exact = _exact_weight_grad(x, w, gy, geom)
+    torch.testing.assert_close(grad, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
 def test_issue_repro_stride_11_runs():

@@ -308,7 +308,7 @@ class _StochasticConv(torch.autograd.Function):
                 ctx.save_for_backward(keep_weight, None)
                 return y
             if sketch == "spectral":
-                ctx.fft_sizes, grid = _spectral_grids(x.shape[2:], y.shape[2:], geom)
+                ctx.fft_sizes, grid = _spectral_grids(x.shape[2:], y.shape[2:], geom, x.device.type)
                 # spectrum blocks of at most half an output: the last decoder layers run at the forward peak
                 state = spectral.sketch(x, grid, n_probes, seed, ctx.budget // 2)
             else:
@@ -472,18 +472,21 @@ def _resolve_padding(
     return _pad_end(x, extra), left
 
 
-def _spectral_grids(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: ConvGeometry) -> tuple[tuple[int, ...], list[int]]:
-    """``(M, grid)``: the spectral sketch's FFT lengths and the grid its input is transformed on
-    (``M`` itself, or ``M / s`` for a transposed convolution, whose input is the strided side)."""
+def _spectral_grids(
+    in_spatial: Sequence[int], out_spatial: Sequence[int], geom: ConvGeometry, device_type: str
+) -> tuple[tuple[int, ...], list[int]]:
+    """``(M, grid)``: the spectral sketch's FFT lengths on a ``device_type`` device and the grid its
+    input is transformed on (``M`` itself, or ``M / s`` for a transposed convolution, whose input is
+    the strided side)."""
     if geom.transposed:
-        sizes = spectral.fft_sizes(out_spatial, in_spatial, geom)
+        sizes = spectral.fft_sizes(out_spatial, in_spatial, geom, device_type)
         return sizes, [m // s for m, s in zip(sizes, geom.stride)]
-    sizes = spectral.fft_sizes(in_spatial, out_spatial, geom)
+    sizes = spectral.fft_sizes(in_spatial, out_spatial, geom, device_type)
     return sizes, list(sizes)
 
 
-def _spectral_frequencies(in_spatial: Sequence[int], geom: ConvGeometry) -> int:
-    """Frequencies a spectral sketch of this convolution could keep."""
+def _spectral_frequencies(in_spatial: Sequence[int], geom: ConvGeometry, device_type: str = "cpu") -> int:
+    """Frequencies a spectral sketch of this convolution could keep on a ``device_type`` device."""
     if geom.transposed:
         out_spatial = [
             (n - 1) * s - 2 * p + d * (k - 1) + op + 1
@@ -494,7 +497,7 @@ def _spectral_frequencies(in_spatial: Sequence[int], geom: ConvGeometry) -> int:
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(in_spatial, geom.padding, geom.dilation, geom.kernel, geom.stride)
         ]
-    return spectral.n_frequencies(_spectral_grids(in_spatial, out_spatial, geom)[1])
+    return spectral.n_frequencies(_spectral_grids(in_spatial, out_spatial, geom, device_type)[1])
 
 
 def _autocast_inputs(
@@ -553,7 +556,7 @@ def _stochastic_conv_nd(
     )
     x, weight, bias = _autocast_inputs(x, weight, bias)
     if n_probes == 0 or not torch.is_grad_enabled() or not weight.requires_grad or (
-        sketch == "spectral" and n_probes >= _spectral_frequencies(x.shape[2:], geom)
+        sketch == "spectral" and n_probes >= _spectral_frequencies(x.shape[2:], geom, x.device.type)
     ):
         return _conv(x, weight, bias, geom)
     return _StochasticConv.apply(

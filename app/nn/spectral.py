@@ -37,6 +37,7 @@ from typing import Optional, Protocol, Union
 
 import torch
 
+from .fft_lengths import CUFFT_NS_PER_POINT
 from .probes import capturing, hash_bits, signs_from_bits, uniform_from_bits
 
 Seed = Union[int, torch.Tensor]
@@ -72,14 +73,43 @@ def _smooth(n: int, multiple: int) -> int:
     return multiple * j
 
 
-def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: Geometry) -> tuple[int, ...]:
+MAX_GRID_GROWTH = 1.125
+"""Largest CUDA FFT length :func:`fft_sizes` considers, as a multiple of the shortest one allowed."""
+
+COST_TOLERANCE = 1.1
+"""Lengths within this factor of the cheapest measured cost count as equally fast (the shortest is
+taken: fewer points, less memory; the table's timings are good to a few percent)."""
+
+
+def _fast_cuda_length(n: int, multiple: int, dims: int) -> int:
+    """The multiple of ``multiple`` from ``n`` to ``MAX_GRID_GROWTH · n`` (or the 7-smooth one, if
+    larger) whose ``dims``-dimensional transform costs least by cuFFT's measured cost per point
+    (:data:`app.nn.fft_lengths.CUFFT_NS_PER_POINT`, within :data:`COST_TOLERANCE`); the 7-smooth
+    length below or beyond the measured lengths."""
+    smooth = _smooth(n, multiple)
+    if n < min(CUFFT_NS_PER_POINT):
+        return smooth
+    first = -(-n // multiple) * multiple
+    last = max(smooth, int(MAX_GRID_GROWTH * n))
+    costs = [(m ** dims * CUFFT_NS_PER_POINT[m], m) for m in range(first, last + 1, multiple) if m in CUFFT_NS_PER_POINT]
+    if not costs:
+        return smooth
+    least = min(costs)[0]
+    return min(m for cost, m in costs if cost <= COST_TOLERANCE * least)  # the shortest of the cheapest
+
+
+def fft_sizes(in_spatial: Sequence[int], out_spatial: Sequence[int], geom: Geometry, device_type: str = "cpu") -> tuple[int, ...]:
     """Per dimension, the FFT length on which the weight-gradient correlation of the regular
     convolution ``in_spatial -> out_spatial`` does not wrap around (for a transposed convolution:
-    its output grid is ``in_spatial``, its input grid ``out_spatial``). A multiple of the stride."""
-    return tuple(
-        _smooth(max(n_in + p, s * n_out, s * (n_out - 1) + d * (k - 1) - p + 1), s)
-        for n_in, n_out, s, p, d, k in zip(in_spatial, out_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)
-    )
+    its output grid is ``in_spatial``, its input grid ``out_spatial``). A multiple of the stride:
+    on ``"cuda"`` the fastest by cuFFT's measured costs (:func:`_fast_cuda_length`), elsewhere the
+    shortest 7-smooth one."""
+    dims = len(in_spatial)
+    shortest = [max(n_in + p, s * n_out, s * (n_out - 1) + d * (k - 1) - p + 1)
+                for n_in, n_out, s, p, d, k in zip(in_spatial, out_spatial, geom.stride, geom.padding, geom.dilation, geom.kernel)]
+    if device_type == "cuda":
+        return tuple(_fast_cuda_length(n, s, dims) for n, s in zip(shortest, geom.stride))
+    return tuple(_smooth(n, s) for n, s in zip(shortest, geom.stride))
 
 
 def n_frequencies(sizes: Sequence[int]) -> int:
