@@ -196,6 +196,25 @@ def test_every_frequency_is_exact_on_the_cuda_grids(spatial, kernel, kwargs, tra
     torch.testing.assert_close(grad, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
+@pytest.mark.parametrize("spatial,grid,dtype,budget", [
+    ((12, 10, 9), (14, 12, 10), torch.float32, 1 << 30),  # one block
+    ((12, 10, 9), (13, 10, 11), torch.bfloat16, 1),  # a block per channel
+    ((7, 9), (9, 12), torch.float32, 1),
+    ((6,), (8,), torch.float32, 1 << 30),  # 1D: the whole FFT
+])
+def test_gather_sums_the_first_dimension_as_the_full_fft(spatial, grid, dtype, budget, monkeypatch):
+    """``_gather`` (the first dimension summed directly) equals indexing the full ``rfftn``."""
+    monkeypatch.setattr(spectral, "MIN_BLOCK", 1)
+    gen = torch.Generator().manual_seed(6)
+    t = torch.randn(2, 5, *spatial, generator=gen).to(dtype)
+    full = torch.fft.rfftn(t.float(), s=grid, dim=tuple(range(2, t.dim()))).flatten(2)  # (B, C, F)
+    flat = torch.randint(0, full.shape[2], (2, 17), generator=gen)
+    got = spectral._gather(t, grid, flat, budget)
+    want = full.gather(2, flat[:, None, :].expand(2, 5, -1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert spectral._pruned(t, grid) == (len(grid) >= 2)
+
+
 def test_issue_repro_stride_11_runs():
     """The repro of a layer whose stride has the prime factor 11: forward and backward return."""
     with deadline(30, "stochastic_conv1d(stride=11, sketch='spectral')"):

@@ -177,33 +177,58 @@ def _blocks(channels: int, per_channel: int, budget: int) -> Iterator[tuple[int,
 
 
 def _rfft(t: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``rfftn(t, grid)`` over the spatial dimensions, in fp32, flattened to ``(B, C, F)``.
+    """``rfftn(t, grid)`` over the last ``len(grid)`` dimensions, in fp32, flattened to ``(*lead, F)``.
 
     A ``t`` smaller than ``grid`` is cast and zero-padded in one copy (into a zeroed fp32 tensor of
     the grid's size) rather than cast, then padded by ``rfftn``."""
-    spatial, grid = tuple(t.shape[2:]), tuple(grid)
-    dims = tuple(range(2, t.dim()))
+    lead, spatial, grid = t.shape[: t.dim() - len(grid)], tuple(t.shape[t.dim() - len(grid):]), tuple(grid)
+    dims = tuple(range(len(lead), t.dim()))
     if spatial != grid and all(n <= g for n, g in zip(spatial, grid)):
-        padded = torch.zeros((*t.shape[:2], *grid), dtype=torch.float32, device=t.device)
+        padded = torch.zeros((*lead, *grid), dtype=torch.float32, device=t.device)
         padded[(Ellipsis, *[slice(0, n) for n in spatial])] = t
-        return torch.fft.rfftn(padded, dim=dims).flatten(2)
-    return torch.fft.rfftn(t.float(), s=grid, dim=dims).flatten(2)
+        return torch.fft.rfftn(padded, dim=dims).flatten(len(lead))
+    return torch.fft.rfftn(t.float(), s=grid, dim=dims).flatten(len(lead))
+
+
+def _pruned(t: torch.Tensor, grid: Sequence[int]) -> bool:
+    """Whether :func:`_gather` transforms ``t`` ``(B, C, *S)`` over its trailing dimensions only and
+    sums the first one directly (2 or more dimensions, ``S_1 <= M_1``)."""
+    return len(grid) >= 2 and t.shape[2] <= grid[0]
 
 
 def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: int) -> torch.Tensor:
     """``rfftn(t, grid)`` at the flat half-spectrum indices ``flat`` ``(B, n)``, transformed in
-    channel blocks (:func:`_blocks`). Shape ``(B, C, n)`` complex64."""
+    channel blocks (:func:`_blocks`). Shape ``(B, C, n)`` complex64.
+
+    In two or more dimensions only the trailing ones are transformed: the first is summed directly,
+    ``X̂[f_1, f'] = Σ_{k < S_1} e^{−2πi f_1 k / M_1} · FFT'(t[k])[f']``, at the ``n`` kept
+    frequencies alone. That skips one FFT pass, and the padding of the first dimension, over every
+    channel, for a sum of ``S_1 · n`` terms per channel."""
     batch, channels = t.shape[:2]
-    blocks = list(_blocks(channels, _channel_cost(t, grid, int(t.dtype != torch.float32)), budget))
-    if len(blocks) == 1:  # one FFT: gather straight from it
-        return _rfft(t, grid).gather(2, flat[:, None, :].expand(batch, channels, -1))
-    index = flat[:, None, :].expand(batch, blocks[0][1], -1)  # the last block may be narrower
+    if not _pruned(t, grid):
+        blocks = list(_blocks(channels, _channel_cost(t, grid, int(t.dtype != torch.float32)), budget))
+        index = flat[:, None, :].expand(batch, channels, -1)
+        parts = []
+        for c0, c1 in blocks:
+            spec = _rfft(t[:, c0:c1], grid)
+            parts.append(spec.gather(2, index[:, : c1 - c0]))
+            del spec  # freed before the next block's FFT
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    first, tail = t.shape[2], tuple(grid[1:])
+    plane = n_frequencies(tail)
+    f1, rest = flat // plane, flat % plane  # (B, n): the first coordinate and the trailing plane's index
+    k = torch.arange(first, device=t.device)
+    turns = (f1[:, None, :] * k[None, :, None]).remainder_(grid[0]).float().div_(grid[0])  # (B, S_1, n), exact mod M_1
+    phase = torch.polar(torch.ones_like(turns), turns.mul_(-2 * math.pi))
+    blocks = list(_blocks(channels, _channel_cost(t, (first, *tail), int(t.dtype != torch.float32)), budget))
+    index = rest[:, None, None, :].expand(batch, blocks[0][1], first, -1)  # the last block may be narrower
     parts = []
     for c0, c1 in blocks:
-        spec = _rfft(t[:, c0:c1], grid)
-        parts.append(spec.gather(2, index[:, : c1 - c0]))
+        spec = _rfft(t[:, c0:c1], tail)  # (B, c, S_1, P)
+        picked = spec.gather(3, index[:, : c1 - c0])  # (B, c, S_1, n)
         del spec  # freed before the next block's FFT
-    return torch.cat(parts, dim=1)
+        parts.append(torch.einsum("bckn,bkn->bcn", picked, phase))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _channel_energy(
