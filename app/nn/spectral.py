@@ -217,18 +217,18 @@ def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: in
     first, tail = t.shape[2], tuple(grid[1:])
     plane = n_frequencies(tail)
     f1, rest = flat // plane, flat % plane  # (B, n): the first coordinate and the trailing plane's index
-    k = torch.arange(first, device=t.device)
-    turns = (f1[:, None, :] * k[None, :, None]).remainder_(grid[0]).float().div_(grid[0])  # (B, S_1, n), exact mod M_1
-    phase = torch.polar(torch.ones_like(turns), turns.mul_(-2 * math.pi))
+    k = torch.arange(first, device=t.device)[:, None]
+    angle = (f1[:, None, :] * k).remainder_(grid[0]).float().mul_(-2 * math.pi / grid[0])  # (B, S_1, n), exact mod M_1
+    phase = torch.polar(torch.ones_like(angle), angle)
     blocks = list(_blocks(channels, _channel_cost(t, (first, *tail), int(t.dtype != torch.float32)), budget))
     index = rest[:, None, None, :].expand(batch, blocks[0][1], first, -1)  # the last block may be narrower
     parts = []
     for c0, c1 in blocks:
         spec = _rfft(t[:, c0:c1], tail)  # (B, c, S_1, P)
-        picked = spec.gather(3, index[:, : c1 - c0])  # (B, c, S_1, n)
+        parts.append(spec.gather(3, index[:, : c1 - c0]))  # (B, c, S_1, n): S_1 / |M| of the spectrum
         del spec  # freed before the next block's FFT
-        parts.append(torch.einsum("bckn,bkn->bcn", picked, phase))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    picked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return (picked * phase[:, None]).sum(2)  # one sum for every block: few host calls per layer
 
 
 def _channel_energy(
