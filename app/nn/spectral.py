@@ -31,6 +31,7 @@ the caller passes half an output), one block alive at a time; choosing the frequ
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Optional, Protocol, Union
@@ -81,6 +82,7 @@ COST_TOLERANCE = 1.1
 taken: fewer points, less memory; the table's timings are good to a few percent)."""
 
 
+@functools.lru_cache(maxsize=None)
 def _fast_cuda_length(n: int, multiple: int, dims: int) -> int:
     """The multiple of ``multiple`` from ``n`` to ``MAX_GRID_GROWTH · n`` (or the 7-smooth one, if
     larger) whose ``dims``-dimensional transform costs least by cuFFT's measured cost per point
