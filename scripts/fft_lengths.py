@@ -16,7 +16,9 @@ import torch
 
 
 def seconds_per_call(fn, calls: int) -> float:
-    """Mean wall time of ``calls`` calls of ``fn`` after one untimed call, device synchronised."""
+    """Mean wall time of ``calls`` back-to-back calls of ``fn`` after one untimed call, between two
+    device synchronisations (``app.measure.timed_calls`` synchronises around each call, which would
+    add its latency to transforms of well under a millisecond)."""
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
