@@ -26,7 +26,9 @@ plus ``2 · B · r`` indices and weights, whatever the volume, and the backward 
 Transient memory: FFTs run over blocks of channels whose copies (channel mix, fp32 cast),
 zero-padded copy and half-spectrum hold at most ``budget`` real numbers together (:func:`_blocks`;
 the caller passes half an output), one block alive at a time; choosing the frequencies adds a few
-``(B, F)`` vectors, and the backward pass transforms ``dY`` in blocks of half its size.
+``(B, F)`` vectors, and the backward pass transforms ``dY`` in blocks of half its size. The rows
+kept for the direct sum over the first dimension (:func:`_gather`) add ``2 · B · C · S_1 · r`` real
+numbers: ``2r / |S_2 ⋯ S_D|`` of the input (1/32 of it for a 128³ layer at r = 256).
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def _gather(t: torch.Tensor, grid: Sequence[int], flat: torch.Tensor, budget: in
     parts = []
     for c0, c1 in blocks:
         spec = _rfft(t[:, c0:c1], tail)  # (B, c, S_1, P)
-        parts.append(spec.gather(3, index[:, : c1 - c0]))  # (B, c, S_1, n): S_1 / |M| of the spectrum
+        parts.append(spec.gather(3, index[:, : c1 - c0]))  # (B, c, S_1, n): n of each row's P coefficients
         del spec  # freed before the next block's FFT
     picked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return (picked * phase[:, None]).sum(2)  # one sum for every block: few host calls per layer
